@@ -1,0 +1,1 @@
+"""Gradient checks (finite differences vs autodiff) that say where, gradient-flow health, NaN origin."""

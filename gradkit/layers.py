@@ -1,0 +1,1 @@
+"""Pure init/apply layers (Dense, MLP) over plain pytrees, and weight initializers."""

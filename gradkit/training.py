@@ -1,0 +1,1 @@
+"""Jitted training loops on optax: train state, train step, fit, checkpoints, logging hooks."""
