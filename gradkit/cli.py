@@ -129,7 +129,7 @@ def _demo(args: argparse.Namespace) -> int:
             return 2
         scenarios = tuple(s for s in SCENARIOS if s.name in args.only)
     out_dir = Path(args.out).resolve()
-    print(f"gradkit {gradkit.__version__} demo: {len(scenarios)} scenario(s); files go to {out_dir}")
+    print(f"gradkit {gradkit.__version__} demo: {len(scenarios)} scenario(s), files in {out_dir}")
     failures = 0
     for scenario in scenarios:
         print(f"\n== {scenario.name}: {scenario.question}")

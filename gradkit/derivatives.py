@@ -1,4 +1,4 @@
-"""Derivative helpers over pytrees: jacobian, hessian, Hessian-vector products, jvp (Rop), vjp (Lop).
+"""Derivative helpers over pytrees: jacobian, hessian, hvp, jvp (Rop), vjp (Lop).
 
 Also :func:`expression`, which turns a traced function or its derivative into a readable formula.
 """
