@@ -1,0 +1,809 @@
+"""Interpret a traced jaxpr into sympy: the engine behind :func:`gradkit.derivatives.expression`.
+
+Every jaxpr variable becomes a NumPy ``object`` array of sympy expressions (shape ``()`` for
+scalars), so broadcasting, reshapes and transposes are NumPy's and only the arithmetic is
+sympy's. Only the equations an output depends on are interpreted, so the forward values that a
+gradient's jaxpr computes and then drops never need a rule.
+
+sympy is the ``symbolic`` extra; importing this module without it raises an ``ImportError`` that
+says how to install it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import Literal
+
+try:
+    import sympy
+except ImportError as error:  # pragma: no cover - exercised by a test that hides sympy
+    raise ImportError(
+        "gradkit.derivatives.expression needs sympy; install it with: "
+        'pip install "gradkit[symbolic]"'
+    ) from error
+
+try:  # Readable "file:line (function)" of an equation; private, so optional.
+    from jax._src.source_info_util import summarize as _summarize_source
+except ImportError:  # pragma: no cover - depends on the jax version
+    _summarize_source = None
+
+#: Largest number of elements an input or intermediate array may have.
+MAX_ELEMENTS = 1024
+
+#: Largest denominator for which a constant such as 0.5 or 1/3 is shown as a fraction.
+_MAX_DENOMINATOR = 100
+
+#: Longest ``scan`` that is unrolled into a formula.
+_MAX_SCAN_LENGTH = 64
+
+
+class sigmoid(sympy.Function):
+    r"""The logistic function as a sympy function, printed ``sigmoid(x)``.
+
+    .. math:: \operatorname{sigmoid}(x) = \frac{1}{1 + e^{-x}}, \qquad
+       \operatorname{sigmoid}'(x) = \operatorname{sigmoid}(x)\,(1 - \operatorname{sigmoid}(x)).
+
+    ``expr.rewrite(sympy.exp)`` turns it into exponentials; ``evalf`` evaluates it.
+    """
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_zero:
+            return sympy.Rational(1, 2)
+        if arg is sympy.oo:
+            return sympy.Integer(1)
+        if arg is sympy.S.NegativeInfinity:
+            return sympy.Integer(0)
+        if arg.is_Number:
+            return 1 / (1 + sympy.exp(-arg))
+        return None
+
+    def fdiff(self, argindex=1):
+        if argindex != 1:
+            raise sympy.ArgumentIndexError(self, argindex)
+        value = sigmoid(self.args[0])
+        return value * (1 - value)
+
+    def _eval_rewrite_as_exp(self, arg, **kwargs):
+        return 1 / (1 + sympy.exp(-arg))
+
+    def _eval_evalf(self, prec):
+        return (1 / (1 + sympy.exp(-self.args[0])))._eval_evalf(prec)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
+
+    def _latex(self, printer):
+        return r"\sigma\left(" + printer._print(self.args[0]) + r"\right)"
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+    """A primitive of the traced program has no symbolic rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Expression:
+    """A traced function written as a formula.
+
+    ``str()`` is the formula (sympy's printing); a function with several outputs prints as the
+    container of its outputs, e.g. ``(2*x, 2*y)``.
+
+    Attributes:
+      sympy: the formula: a sympy expression for a scalar output, a ``sympy.Array`` for an array
+        output, or the function's output container holding those.
+      variables: the input symbols, by name, in argument order.
+    """
+
+    sympy: Any
+    variables: dict[str, sympy.Symbol]
+
+    def __str__(self) -> str:
+        return str(self.sympy)
+
+    def __repr__(self) -> str:
+        return f"Expression({self})"
+
+    def latex(self) -> str:
+        """Returns the formula as LaTeX (array elements ``x[0]`` become ``x_{0}``)."""
+        names = {symbol: _latex_name(name) for name, symbol in self.variables.items()}
+        return sympy.latex(self.sympy, symbol_names=names)
+
+    def _repr_latex_(self) -> str:
+        return f"$\\displaystyle {self.latex()}$"
+
+
+def _latex_name(name: str) -> str:
+    match = re.fullmatch(r"(.*)\[([0-9, ]+)\]", name)
+    if match is None:
+        return sympy.latex(sympy.Symbol(name))
+    base, index = match.groups()
+    return f"{sympy.latex(sympy.Symbol(base))}_{{{index}}}"
+
+
+# --------------------------------------------------------------------------------------------
+# Constants and variables
+
+
+def _number(value: Any, dtype: np.dtype) -> sympy.Basic:
+    """A sympy number for one constant of a jaxpr, written the way a person would write it."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return sympy.true if bool(value) else sympy.false
+    if np.issubdtype(dtype, np.integer):
+        return sympy.Integer(int(value))
+    if np.issubdtype(dtype, np.complexfloating):
+        value = complex(value)
+        return _number(value.real, np.float64) + sympy.I * _number(value.imag, np.float64)
+    typed = dtype.type(value)
+    as_float = float(typed)
+    if math.isnan(as_float):
+        return sympy.nan
+    if math.isinf(as_float):
+        return sympy.oo if as_float > 0 else -sympy.oo
+    if as_float.is_integer():
+        return sympy.Integer(int(as_float))
+    # A fraction with a small denominator that rounds to this constant in its own dtype
+    # (0.5, 1/3, 0.1) is what the author wrote; anything else keeps its shortest decimal.
+    fraction = fractions.Fraction(as_float).limit_denominator(_MAX_DENOMINATOR)
+    if dtype.type(fraction.numerator / fraction.denominator) == typed:
+        return sympy.Rational(fraction.numerator, fraction.denominator)
+    digits = np.format_float_positional(typed, unique=True, trim="-")
+    significant = len(digits.replace("-", "").replace(".", "").lstrip("0")) or 1
+    return sympy.Float(digits, max(significant, 1))
+
+
+def _constant_array(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    out = np.empty(array.shape, dtype=object)
+    for index in np.ndindex(array.shape):
+        out[index] = _number(array[index], array.dtype)
+    return out
+
+
+def _symbol(name: str, dtype: np.dtype) -> sympy.Symbol:
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return sympy.Symbol(name, integer=True)
+    if np.issubdtype(dtype, np.floating):
+        return sympy.Symbol(name, real=True)
+    return sympy.Symbol(name)
+
+
+def parameter_names(fun: Callable, count: int, names: Sequence[str] | None = None) -> list[str]:
+    """Names for ``count`` positional arguments of ``fun``.
+
+    ``names`` wins; otherwise the positional parameters of ``fun``'s signature (which sees through
+    ``jax.grad``, ``jax.jit`` and ``functools.partial``); ``x0, x1, ...`` for the rest.
+    """
+    if names is not None:
+        names = list(names)
+        if len(names) != count or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"expression: names must be {count} non-empty strings, one per example argument; "
+                f"got {names!r}"
+            )
+        return names
+    found: list[str] = []
+    try:
+        signature = inspect.signature(fun)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        for parameter in signature.parameters.values():
+            if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                break
+            found.append(parameter.name)
+    found = found[:count]
+    taken = set(found)
+    index = 0
+    while len(found) < count:
+        candidate = f"x{index}"
+        index += 1
+        if candidate not in taken:
+            found.append(candidate)
+    return found
+
+
+def _input_arrays(
+    names: Sequence[str], args: Sequence[Any], in_avals: Sequence[Any]
+) -> tuple[list[np.ndarray], dict[str, sympy.Symbol]]:
+    """Symbol arrays for the flattened inputs, named ``x``, ``x[0]``, ``params['w'][0, 1]``."""
+    arrays: list[np.ndarray] = []
+    variables: dict[str, sympy.Symbol] = {}
+    avals = iter(in_avals)
+    for name, arg in zip(names, args, strict=True):
+        for path, _ in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            aval = next(avals)
+            leaf_name = name + jax.tree_util.keystr(path)
+            size = math.prod(aval.shape)
+            if size > MAX_ELEMENTS:
+                raise ValueError(
+                    f"expression: argument {leaf_name} has shape {tuple(aval.shape)} "
+                    f"({size} elements); formulas are written for small arrays of at most "
+                    f"{MAX_ELEMENTS} elements"
+                )
+            out = np.empty(aval.shape, dtype=object)
+            for index in np.ndindex(aval.shape):
+                suffix = f"[{', '.join(map(str, index))}]" if index else ""
+                symbol = _symbol(leaf_name + suffix, aval.dtype)
+                variables[leaf_name + suffix] = symbol
+                out[index] = symbol
+            arrays.append(out)
+    return arrays, variables
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise helpers
+
+
+def _map(fun: Callable, *arrays: np.ndarray) -> np.ndarray:
+    """Applies ``fun`` element by element, broadcasting like NumPy; returns an object array."""
+    broadcast = np.broadcast_arrays(*arrays)
+    shape = broadcast[0].shape
+    out = np.empty(shape, dtype=object)
+    for index in np.ndindex(shape):
+        out[index] = fun(*(a[index] for a in broadcast))
+    return out
+
+
+def _as_bool(value: sympy.Basic) -> sympy.Basic:
+    if isinstance(value, sympy.logic.boolalg.Boolean):
+        return value
+    return sympy.Ne(value, 0)
+
+
+def _as_number(value: sympy.Basic) -> sympy.Basic:
+    if value is sympy.true:
+        return sympy.Integer(1)
+    if value is sympy.false:
+        return sympy.Integer(0)
+    if isinstance(value, sympy.logic.boolalg.Boolean):
+        return sympy.Piecewise((1, value), (0, True))
+    return value
+
+
+def _truncate(value: sympy.Basic) -> sympy.Basic:
+    return sympy.sign(value) * sympy.floor(sympy.Abs(value))
+
+
+def _select(predicate: sympy.Basic, *cases: sympy.Basic) -> sympy.Basic:
+    if len(cases) == 2 and (
+        isinstance(predicate, sympy.logic.boolalg.Boolean) or predicate.is_Boolean
+    ):
+        return sympy.Piecewise((cases[1], predicate), (cases[0], True))
+    pieces = [(case, sympy.Eq(predicate, i)) for i, case in enumerate(cases[:-1])]
+    return sympy.Piecewise(*pieces, (cases[-1], True))
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.inexact)
+
+
+_UNARY: dict[str, Callable[[sympy.Basic], sympy.Basic]] = {
+    "neg": lambda a: -a,
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+    "asin": sympy.asin,
+    "acos": sympy.acos,
+    "atan": sympy.atan,
+    "sinh": sympy.sinh,
+    "cosh": sympy.cosh,
+    "tanh": sympy.tanh,
+    "asinh": sympy.asinh,
+    "acosh": sympy.acosh,
+    "atanh": sympy.atanh,
+    "exp": sympy.exp,
+    "exp2": lambda a: 2**a,
+    "log": sympy.log,
+    "log1p": lambda a: sympy.log(1 + a),
+    "expm1": lambda a: sympy.exp(a) - 1,
+    "logistic": sigmoid,
+    "sqrt": sympy.sqrt,
+    "rsqrt": lambda a: 1 / sympy.sqrt(a),
+    "cbrt": lambda a: sympy.sign(a) * sympy.Abs(a) ** sympy.Rational(1, 3),
+    "square": lambda a: a**2,
+    "abs": sympy.Abs,
+    "sign": sympy.sign,
+    "floor": sympy.floor,
+    "ceil": sympy.ceiling,
+    "erf": sympy.erf,
+    "erfc": sympy.erfc,
+    "erf_inv": sympy.erfinv,
+    "lgamma": sympy.loggamma,
+    "digamma": sympy.digamma,
+    "not": lambda a: sympy.Not(_as_bool(a)),
+    # Variables are finite reals; the checks jnp inserts for inf/nan are therefore true.
+    "is_finite": lambda a: sympy.true,
+    "stop_gradient": lambda a: a,
+    "copy": lambda a: a,
+    "copy_p": lambda a: a,
+    "reduce_precision": lambda a: a,
+    "optimization_barrier": lambda a: a,
+    "real": sympy.re,
+    "imag": sympy.im,
+    "conj": sympy.conjugate,
+}
+
+_BINARY: dict[str, Callable[[sympy.Basic, sympy.Basic], sympy.Basic]] = {
+    "add": lambda a, b: a + b,
+    "add_any": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "pow": lambda a, b: a**b,
+    "max": sympy.Max,
+    "min": sympy.Min,
+    "atan2": sympy.atan2,
+    "nextafter": lambda a, b: a,
+    "eq": sympy.Eq,
+    "ne": sympy.Ne,
+    "lt": sympy.Lt,
+    "le": sympy.Le,
+    "gt": sympy.Gt,
+    "ge": sympy.Ge,
+    "and": lambda a, b: sympy.And(_as_bool(a), _as_bool(b)),
+    "or": lambda a, b: sympy.Or(_as_bool(a), _as_bool(b)),
+    "xor": lambda a, b: sympy.Xor(_as_bool(a), _as_bool(b)),
+}
+
+_REDUCTIONS: dict[str, Callable[..., sympy.Basic]] = {
+    "reduce_sum": sympy.Add,
+    "reduce_prod": sympy.Mul,
+    "reduce_max": sympy.Max,
+    "reduce_min": sympy.Min,
+    "reduce_and": lambda *a: sympy.And(*map(_as_bool, a)),
+    "reduce_or": lambda *a: sympy.Or(*map(_as_bool, a)),
+}
+
+#: Primitives whose body is a jaxpr called once with the equation's inputs.
+_CALLS = (
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+)
+
+
+def _reduce(array: np.ndarray, axes: Sequence[int], combine: Callable) -> np.ndarray:
+    axes = tuple(sorted(a % array.ndim for a in axes)) if array.ndim else ()
+    kept = [d for d in range(array.ndim) if d not in axes]
+    moved = np.transpose(array, kept + list(axes))
+    kept_shape = moved.shape[: len(kept)]
+    flat = moved.reshape((*kept_shape, -1))
+    out = np.empty(kept_shape, dtype=object)
+    for index in np.ndindex(kept_shape):
+        out[index] = combine(*flat[index])
+    return out
+
+
+def _dot_general(lhs: np.ndarray, rhs: np.ndarray, dimension_numbers) -> np.ndarray:
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    lhs_free = [d for d in range(lhs.ndim) if d not in (*lhs_contract, *lhs_batch)]
+    rhs_free = [d for d in range(rhs.ndim) if d not in (*rhs_contract, *rhs_batch)]
+    lhs_t = np.transpose(lhs, [*lhs_batch, *lhs_free, *lhs_contract])
+    rhs_t = np.transpose(rhs, [*rhs_batch, *rhs_contract, *rhs_free])
+    batch_shape = lhs_t.shape[: len(lhs_batch)]
+    lhs_free_shape = tuple(lhs.shape[d] for d in lhs_free)
+    rhs_free_shape = tuple(rhs.shape[d] for d in rhs_free)
+    contract = math.prod(lhs.shape[d] for d in lhs_contract)
+    batch = math.prod(batch_shape)
+    left = lhs_t.reshape(batch, math.prod(lhs_free_shape), contract)
+    right = rhs_t.reshape(batch, contract, math.prod(rhs_free_shape))
+    out = np.empty((batch, left.shape[1], right.shape[2]), dtype=object)
+    for b, i, j in np.ndindex(out.shape):
+        out[b, i, j] = sympy.Add(*(left[b, i, k] * right[b, k, j] for k in range(contract)))
+    return out.reshape(batch_shape + lhs_free_shape + rhs_free_shape)
+
+
+def _broadcast_in_dim(operand: np.ndarray, shape, broadcast_dimensions) -> np.ndarray:
+    expanded = [1] * len(shape)
+    for operand_axis, out_axis in enumerate(broadcast_dimensions):
+        expanded[out_axis] = operand.shape[operand_axis]
+    return np.broadcast_to(operand.reshape(expanded), tuple(shape)).copy()
+
+
+def _pad(operand: np.ndarray, padding_value: np.ndarray, padding_config) -> np.ndarray:
+    out = operand
+    for axis, (low, high, interior) in enumerate(padding_config):
+        if interior:
+            size = out.shape[axis]
+            shape = list(out.shape)
+            shape[axis] = size + (size - 1) * interior if size else 0
+            spread = np.full(shape, padding_value[()], dtype=object)
+            index = [slice(None)] * out.ndim
+            index[axis] = slice(None, None, interior + 1)
+            spread[tuple(index)] = out
+            out = spread
+        for amount, at_start in ((low, True), (high, False)):
+            if amount > 0:
+                shape = list(out.shape)
+                shape[axis] = amount
+                block = np.full(shape, padding_value[()], dtype=object)
+                out = np.concatenate([block, out] if at_start else [out, block], axis=axis)
+            elif amount < 0:
+                index = [slice(None)] * out.ndim
+                index[axis] = slice(-amount, None) if at_start else slice(None, amount)
+                out = out[tuple(index)]
+    return out
+
+
+def _static_int(value: np.ndarray, primitive: str) -> int:
+    element = value[()] if isinstance(value, np.ndarray) else value
+    if not (isinstance(element, sympy.Basic) and element.is_Integer):
+        raise UnsupportedPrimitiveError(
+            f"{primitive} with an index that depends on the inputs ({element}) has no formula"
+        )
+    return int(element)
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter
+
+
+class _Interpreter:
+    def __init__(self) -> None:
+        self.context: list[str] = []
+
+    def where(self, eqn) -> str:
+        parts = []
+        if _summarize_source is not None:
+            try:
+                parts.append(f"at {_summarize_source(eqn.source_info)}")
+            except Exception:  # source info is a courtesy, never a reason to fail
+                pass
+        if self.context:
+            parts.append("inside " + " > ".join(self.context))
+        return (" (" + ", ".join(parts) + ")") if parts else ""
+
+    def run(self, jaxpr, consts: Sequence[Any], args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        env: dict[Any, np.ndarray] = {}
+
+        def read(atom) -> np.ndarray:
+            if isinstance(atom, Literal):
+                return _constant_array(np.asarray(atom.val, dtype=atom.aval.dtype))
+            return env[atom]
+
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = value if _is_object(value) else _constant_array(value)
+        for var, value in zip(jaxpr.invars, args, strict=True):
+            env[var] = value
+        for eqn in _live_equations(jaxpr):
+            outputs = self.equation(eqn, [read(v) for v in eqn.invars])
+            for var, value in zip(eqn.outvars, outputs, strict=True):
+                size = value.size
+                if size > MAX_ELEMENTS:
+                    raise ValueError(
+                        f"expression: {eqn.primitive.name} makes an array of shape {value.shape} "
+                        f"({size} elements){self.where(eqn)}; formulas are written for small "
+                        f"arrays of at most {MAX_ELEMENTS} elements"
+                    )
+                env[var] = value
+        return [read(v) for v in jaxpr.outvars]
+
+    def call(self, eqn, label: str, closed, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        jaxpr, consts = _open(closed)
+        self.context.append(label)
+        try:
+            return self.run(jaxpr, consts, args)
+        finally:
+            self.context.pop()
+
+    def equation(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        name = eqn.primitive.name
+        params = eqn.params
+        out_avals = [v.aval for v in eqn.outvars]
+        if name in _UNARY:
+            return [_map(_UNARY[name], inputs[0])]
+        if name in _BINARY:
+            fun = _BINARY[name]
+            if name == "div" and not _is_float(out_avals[0].dtype):
+                return [_map(lambda a, b: _truncate(a / b), *inputs)]
+            if name in ("add", "sub", "mul", "max", "min") and out_avals[0].dtype == np.bool_:
+                fun = {"add": _BINARY["or"], "max": _BINARY["or"]}.get(name, _BINARY["and"])
+                if name == "sub":
+                    raise UnsupportedPrimitiveError(f"sub of booleans{self.where(eqn)}")
+            return [_map(fun, *inputs)]
+        if name == "integer_pow":
+            return [_map(lambda a: a ** params["y"], inputs[0])]
+        if name == "select_n":
+            return [_map(_select, *inputs)]
+        if name == "clamp":
+            return [_map(lambda lo, a, hi: sympy.Min(sympy.Max(a, lo), hi), *inputs)]
+        if name == "convert_element_type":
+            return [_map(_converter(params["new_dtype"], eqn.invars[0].aval.dtype), inputs[0])]
+        if name in _REDUCTIONS:
+            return [_reduce(inputs[0], params["axes"], _REDUCTIONS[name])]
+        if name == "dot_general":
+            return [_dot_general(inputs[0], inputs[1], params["dimension_numbers"])]
+        if name == "broadcast_in_dim":
+            return [_broadcast_in_dim(inputs[0], params["shape"], params["broadcast_dimensions"])]
+        if name == "reshape":
+            return [inputs[0].reshape(params["new_sizes"])]
+        if name == "squeeze":
+            return [np.squeeze(inputs[0], axis=tuple(params["dimensions"]))]
+        if name == "expand_dims":
+            return [np.expand_dims(inputs[0], tuple(params["dimensions"]))]
+        if name == "transpose":
+            return [np.transpose(inputs[0], params["permutation"])]
+        if name == "rev":
+            return [np.flip(inputs[0], axis=tuple(params["dimensions"]))]
+        if name == "slice":
+            strides = params["strides"] or (1,) * inputs[0].ndim
+            index = tuple(
+                slice(start, stop, step)
+                for start, stop, step in zip(
+                    params["start_indices"], params["limit_indices"], strides, strict=True
+                )
+            )
+            return [inputs[0][index]]
+        if name == "concatenate":
+            return [np.concatenate(inputs, axis=params["dimension"])]
+        if name == "split":
+            bounds = np.cumsum(params["sizes"])[:-1]
+            return list(np.split(inputs[0], bounds, axis=params["axis"]))
+        if name == "pad":
+            return [_pad(inputs[0], inputs[1], params["padding_config"])]
+        if name == "iota":
+            positions = np.indices(params["shape"])[params["dimension"]]
+            return [_constant_array(positions.astype(params["dtype"]))]
+        if name == "dynamic_slice":
+            operand, *starts = inputs
+            index = []
+            for axis, (start, size) in enumerate(zip(starts, params["slice_sizes"], strict=True)):
+                first = min(max(_static_int(start, name), 0), operand.shape[axis] - size)
+                index.append(slice(first, first + size))
+            return [operand[tuple(index)]]
+        if name == "dynamic_update_slice":
+            operand, update, *starts = inputs
+            out = operand.copy()
+            index = []
+            for axis, start in enumerate(starts):
+                limit = operand.shape[axis] - update.shape[axis]
+                first = min(max(_static_int(start, name), 0), limit)
+                index.append(slice(first, first + update.shape[axis]))
+            out[tuple(index)] = update
+            return [out]
+        if name in ("cumsum", "cumprod", "cummax", "cummin"):
+            return [_cumulative(inputs[0], name, params["axis"], params["reverse"])]
+        if name in _CALLS:
+            body = _body(params)
+            if body is None:
+                raise UnsupportedPrimitiveError(
+                    f"primitive {name!r}{self.where(eqn)}: no body jaxpr found"
+                )
+            label = f"{name} {params['name']!r}" if "name" in params else name
+            return self.call(eqn, label, body, inputs)
+        if name == "cond":
+            return self.cond(eqn, inputs)
+        if name == "scan":
+            return self.scan(eqn, inputs)
+        raise UnsupportedPrimitiveError(
+            f"expression: primitive {name!r}{self.where(eqn)} has no symbolic rule; "
+            "gradkit writes formulas for element-wise arithmetic, elementary functions, "
+            "comparisons and where/select, reductions, dot products, reshapes and slices, "
+            "and calls (jit, custom_jvp, custom_vjp, cond, short scans)"
+        )
+
+    def cond(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        index, *operands = inputs
+        branches = eqn.params["branches"]
+        if index.shape != ():
+            raise UnsupportedPrimitiveError(f"cond with a batched predicate{self.where(eqn)}")
+        selector = index[()]
+        results = [
+            self.call(eqn, f"cond branch {i}", branch, operands)
+            for i, branch in enumerate(branches)
+        ]
+        if selector.is_Integer:
+            chosen = min(max(int(selector), 0), len(branches) - 1)
+            return results[chosen]
+        conditions = _branch_conditions(selector, len(branches))
+        outputs = []
+        for position in range(len(results[0])):
+
+            def pick(*values, _conditions=conditions):
+                pieces = list(zip(values[:-1], _conditions, strict=True))
+                return sympy.Piecewise(*pieces, (values[-1], True))
+
+            outputs.append(_map(pick, *(r[position] for r in results)))
+        return outputs
+
+    def scan(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        params = eqn.params
+        length = params["length"]
+        if length > _MAX_SCAN_LENGTH:
+            raise UnsupportedPrimitiveError(
+                f"scan of length {length}{self.where(eqn)}: only scans of at most "
+                f"{_MAX_SCAN_LENGTH} steps are unrolled into a formula"
+            )
+        num_consts, num_carry = params["num_consts"], params["num_carry"]
+        consts = inputs[:num_consts]
+        carry = inputs[num_consts : num_consts + num_carry]
+        xs = inputs[num_consts + num_carry :]
+        steps = range(length - 1, -1, -1) if params["reverse"] else range(length)
+        ys_per_step: list[list[np.ndarray]] = []
+        for t in steps:
+            out = self.call(
+                eqn, f"scan step {t}", params["jaxpr"], [*consts, *carry, *(x[t] for x in xs)]
+            )
+            carry, ys = out[:num_carry], out[num_carry:]
+            ys_per_step.append(ys)
+        if params["reverse"]:
+            ys_per_step.reverse()
+        stacked = []
+        for position, var in enumerate(eqn.outvars[num_carry:]):
+            if ys_per_step:
+                stacked.append(np.stack([ys[position] for ys in ys_per_step]))
+            else:
+                stacked.append(np.empty(var.aval.shape, dtype=object))
+        return [*carry, *stacked]
+
+
+def _branch_conditions(selector: sympy.Basic, count: int) -> list[sympy.Basic]:
+    # lax.cond turns its boolean predicate into 0/1: read the boolean back out.
+    if (
+        count == 2
+        and isinstance(selector, sympy.Piecewise)
+        and len(selector.args) == 2
+        and selector.args[0].expr == 1
+        and selector.args[1].expr == 0
+    ):
+        return [sympy.Not(selector.args[0].cond)]
+    return [sympy.Eq(selector, i) for i in range(count - 1)]
+
+
+def _cumulative(array: np.ndarray, name: str, axis: int, reverse: bool) -> np.ndarray:
+    combine = {
+        "cumsum": lambda a, b: a + b,
+        "cumprod": lambda a, b: a * b,
+        "cummax": sympy.Max,
+        "cummin": sympy.Min,
+    }[name]
+    moved = np.moveaxis(array, axis, 0)
+    if reverse:
+        moved = moved[::-1]
+    out = np.empty(moved.shape, dtype=object)
+    running = None
+    for t in range(moved.shape[0]):
+        running = moved[t] if running is None else _map(combine, running, moved[t])
+        out[t] = running
+    if reverse:
+        out = out[::-1]
+    return np.moveaxis(out, 0, axis)
+
+
+def _converter(new_dtype, old_dtype) -> Callable[[sympy.Basic], sympy.Basic]:
+    new_dtype, old_dtype = np.dtype(new_dtype), np.dtype(old_dtype)
+    if new_dtype == np.bool_:
+        return _as_bool
+    if old_dtype == np.bool_:
+        return _as_number
+    if np.issubdtype(new_dtype, np.integer) and _is_float(old_dtype):
+        return _truncate
+    return lambda a: a
+
+
+def _body(params) -> Any:
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in params:
+            return params[key]
+    return None
+
+
+def _open(closed) -> tuple[Any, list[Any]]:
+    if hasattr(closed, "jaxpr") and hasattr(closed, "consts"):
+        return closed.jaxpr, list(closed.consts)
+    return closed, []
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == object
+
+
+def _live_equations(jaxpr) -> list[Any]:
+    """The equations the outputs depend on, in order (a gradient's jaxpr drops forward values)."""
+    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars) or eqn.effects:
+            live.append(eqn)
+            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
+    live.reverse()
+    return live
+
+
+# --------------------------------------------------------------------------------------------
+# Tidying
+
+
+def _tidy(value: sympy.Basic, symbols: Sequence[sympy.Symbol]) -> sympy.Basic:
+    """Writes a formula the way a person would.
+
+    Polynomials are expanded into sympy's canonical sum of monomials (``4*x**3 + 3*x**2 + 2*x``,
+    not a factored form). Anything else is written with the fewest operations among: the
+    formula as traced, the same with every ``1/(1 + exp(-u))`` written ``sigmoid(u)`` (and
+    ``exp(-u)`` next to it as ``(1 - sigmoid(u))/sigmoid(u)``), and ``sympy.simplify``'s result;
+    on a tie the earlier one in that list wins.
+    """
+    if not isinstance(value, sympy.Expr):
+        return sympy.simplify(value) if isinstance(value, sympy.Basic) else value
+    if value.has(sympy.Piecewise):
+        value = sympy.piecewise_fold(value)
+    elif value.is_polynomial(*symbols):
+        return sympy.expand(value)
+    candidates = [value]
+    recognised = _recognise_sigmoid(value)
+    if recognised != value:
+        candidates.insert(0, recognised)
+    candidates.append(sympy.simplify(value))
+    return min(candidates, key=sympy.count_ops)
+
+
+def _recognise_sigmoid(value: sympy.Expr) -> sympy.Expr:
+    """Writes ``(1 + exp(-u))**-n`` as ``sigmoid(u)**n`` and ``exp(-u)`` next to it through it."""
+
+    def is_logistic_power(term: sympy.Basic) -> bool:
+        if not (term.is_Pow and term.exp.is_Integer and term.exp < 0 and term.base.is_Add):
+            return False
+        parts = term.base.args
+        return (
+            len(parts) == 2
+            and sympy.S.One in parts
+            and any(isinstance(p, sympy.exp) for p in parts)
+        )
+
+    def as_sigmoid(term: sympy.Pow) -> sympy.Expr:
+        (exponential,) = [p for p in term.base.args if isinstance(p, sympy.exp)]
+        return sigmoid(-exponential.args[0]) ** (-term.exp)
+
+    value = value.replace(is_logistic_power, as_sigmoid)
+    for function in value.atoms(sigmoid):
+        u = function.args[0]
+        value = value.xreplace(
+            {sympy.exp(-u): (1 - function) / function, sympy.exp(u): function / (1 - function)}
+        )
+    return value
+
+
+def _to_sympy(array: np.ndarray) -> sympy.Basic:
+    if array.shape == ():
+        return array[()]
+    return sympy.Array(array.tolist(), array.shape)
+
+
+def trace_expression(
+    fun: Callable,
+    args: Sequence[Any],
+    *,
+    simplify: bool = True,
+    names: Sequence[str] | None = None,
+) -> Expression:
+    """Traces ``fun(*args)`` and writes its outputs as sympy formulas (see ``expression``)."""
+    arg_names = parameter_names(fun, len(args), names)
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    inputs, variables = _input_arrays(arg_names, args, closed.in_avals)
+    outputs = _Interpreter().run(closed.jaxpr, closed.consts, inputs)
+    symbols = list(variables.values())
+    if simplify:
+        outputs = [_map(lambda e: _tidy(e, symbols), out) for out in outputs]
+    leaves = [_to_sympy(out) for out in outputs]
+    tree = jax.tree_util.tree_structure(out_shape)
+    return Expression(jax.tree_util.tree_unflatten(tree, leaves), variables)
