@@ -5,3 +5,12 @@ one equation and source line by :func:`locate_gradient_error`; gradient flow is 
 :func:`gradient_stats` and :func:`diagnose`; :func:`find_nan_origin` names the first equation
 that produced a NaN or an Inf.
 """
+
+# Gradient-flow health and NaN origin (implemented in gradkit._health and gradkit._nan_origin).
+from gradkit._health import HISTOGRAM_EXPONENTS as HISTOGRAM_EXPONENTS  # noqa: E402, RUF100
+from gradkit._health import HealthMonitorState as HealthMonitorState  # noqa: E402, RUF100
+from gradkit._health import LeafStats as LeafStats  # noqa: E402, RUF100
+from gradkit._health import gradient_stats as gradient_stats  # noqa: E402, RUF100
+from gradkit._health import health_monitor as health_monitor  # noqa: E402, RUF100
+from gradkit._health import latest_health as latest_health  # noqa: E402, RUF100
+from gradkit._health import log_health as log_health  # noqa: E402, RUF100

@@ -1,0 +1,253 @@
+"""gradient_stats, health_monitor and log_health against NumPy references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import enable_x64
+
+from gradkit import _health
+from gradkit.diagnostics import (
+    HISTOGRAM_EXPONENTS,
+    HealthMonitorState,
+    gradient_stats,
+    health_monitor,
+    latest_health,
+    log_health,
+)
+
+_stats_jit = jax.jit(gradient_stats)
+
+
+def _reference(g):
+    """Float64 NumPy statistics of the finite entries, and the frexp histogram."""
+    g = np.asarray(g, dtype=np.float64).ravel()
+    finite = g[np.isfinite(g)]
+    nonzero = np.abs(finite[finite != 0])
+    _, exponent = np.frexp(nonzero)
+    bins = np.clip(exponent - HISTOGRAM_EXPONENTS[0], 0, len(HISTOGRAM_EXPONENTS) - 1)
+    return {
+        "norm": np.sqrt(np.sum(finite**2)),
+        "max_abs": np.max(np.abs(finite), initial=0.0),
+        "mean": finite.mean(),
+        "std": finite.std(),
+        "zero_fraction": np.mean(g == 0),
+        "nan_count": np.isnan(g).sum(),
+        "posinf_count": (g == np.inf).sum(),
+        "neginf_count": (g == -np.inf).sum(),
+        "log2_histogram": np.bincount(bins, minlength=len(HISTOGRAM_EXPONENTS)),
+    }
+
+
+def _check_against_reference(stats, g, rtol=2e-6):
+    ref = _reference(g)
+    for field in ("norm", "max_abs", "std"):
+        np.testing.assert_allclose(getattr(stats, field), ref[field], rtol=rtol, err_msg=field)
+    np.testing.assert_allclose(stats.mean, ref["mean"], rtol=1e-4, atol=1e-6 * ref["max_abs"])
+    np.testing.assert_allclose(stats.zero_fraction, ref["zero_fraction"], rtol=1e-6)
+    for field in ("nan_count", "posinf_count", "neginf_count", "log2_histogram"):
+        np.testing.assert_array_equal(getattr(stats, field), ref[field], err_msg=field)
+
+
+def _grads(seed=0):
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(7, 5)).astype(np.float32) * np.float32(3.0)
+    kernel[0, :2] = 0.0
+    bias = (rng.normal(size=(5,)) * 1e-3).astype(np.float32)
+    return {"dense_0": {"kernel": kernel, "bias": bias}, "scale": np.float32(-2.5)}
+
+
+def test_stats_match_numpy_reference_under_jit():
+    grads = _grads()
+    stats = _stats_jit(grads)
+    for path in (("dense_0", "kernel"), ("dense_0", "bias")):
+        _check_against_reference(stats[path[0]][path[1]], grads[path[0]][path[1]])
+    _check_against_reference(stats["scale"], grads["scale"])
+
+
+def test_nonfinite_entries_are_counted_never_dropped():
+    g = np.array([1.0, -2.0, np.nan, np.inf, -np.inf, -np.inf, 0.0, 1e-30, 3.0], np.float32)
+    stats = _stats_jit({"w": g})["w"]
+    _check_against_reference(stats, g)
+    assert (int(stats.nan_count), int(stats.posinf_count), int(stats.neginf_count)) == (1, 1, 2)
+    all_nan = _stats_jit({"w": np.full(4, np.nan, np.float32)})["w"]
+    assert int(all_nan.nan_count) == 4 and float(all_nan.norm) == 0.0
+
+
+def test_norm_does_not_underflow_for_tiny_float32_gradients():
+    # Gradients of about 1e-20 (a 10-layer ReLU net with N(0, 1e-3) init): the squares underflow.
+    g = np.random.default_rng(1).normal(size=(784, 32)).astype(np.float32) * np.float32(1e-20)
+    assert float(jnp.linalg.norm(jnp.asarray(g))) == 0.0
+    stats = _stats_jit({"w": g})["w"]
+    _check_against_reference(stats, g, rtol=1e-5)
+    assert float(stats.norm) > 1e-19
+
+
+def test_histogram_bins_are_fixed_and_cover_float32_extremes():
+    g = np.array(
+        [np.finfo(np.float32).max, np.float32(2.0**-149), 1.0, 0.75, 0.5, -0.5], np.float32
+    )
+    hist = np.asarray(_stats_jit({"w": g})["w"].log2_histogram)
+    exponent_of = dict(zip(HISTOGRAM_EXPONENTS.tolist(), hist.tolist(), strict=True))
+    # frexp: 1.0 = 0.5 * 2**1; 0.75, 0.5 and -0.5 have exponent 0.
+    assert exponent_of[1] == 1 and exponent_of[0] == 3
+    assert exponent_of[128] == 1 and exponent_of[-148] == 1
+    assert hist.sum() == 6
+
+
+def test_update_ratio_and_norms_match_numpy():
+    grads = _grads()
+    params = jax.tree_util.tree_map(lambda g: np.asarray(g) * 2 + 1, grads)
+    updates = jax.tree_util.tree_map(lambda g: np.asarray(g) * -1e-3, grads)
+    stats = jax.jit(gradient_stats)(grads, params, updates)
+    kernel = stats["dense_0"]["kernel"]
+    ref_param = np.linalg.norm(np.asarray(params["dense_0"]["kernel"], np.float64))
+    ref_update = np.linalg.norm(np.asarray(updates["dense_0"]["kernel"], np.float64))
+    np.testing.assert_allclose(kernel.param_norm, ref_param, rtol=1e-6)
+    np.testing.assert_allclose(kernel.update_norm, ref_update, rtol=1e-6)
+    np.testing.assert_allclose(kernel.update_ratio, ref_update / ref_param, rtol=1e-6)
+    assert gradient_stats(grads)["scale"].update_ratio is None
+
+
+def test_histogram_can_be_skipped():
+    grads = _grads()
+    stats = gradient_stats(grads, histogram=False)["dense_0"]["kernel"]
+    assert stats.log2_histogram is None
+    _check_against_reference(
+        stats._replace(log2_histogram=_reference(grads["dense_0"]["kernel"])["log2_histogram"]),
+        grads["dense_0"]["kernel"],
+    )
+
+
+def test_vmap_over_a_batch_of_gradients():
+    batch = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    stats = jax.vmap(lambda g: gradient_stats({"w": g})["w"])(batch)
+    for i in range(3):
+        np.testing.assert_allclose(stats.norm[i], np.linalg.norm(batch[i]), rtol=1e-6)
+
+
+def test_float64_under_x64():
+    with enable_x64():
+        g = np.array([1e-200, 3e-200, -2e-200])
+        stats = gradient_stats({"w": jnp.asarray(g)})["w"]
+        assert stats.norm.dtype == jnp.float64
+        np.testing.assert_allclose(stats.norm, 1e-200 * np.sqrt(14.0), rtol=1e-12)
+
+
+def test_bad_input_errors_name_the_path():
+    with pytest.raises(ValueError, match="grads is an empty pytree"):
+        gradient_stats({})
+    with pytest.raises(TypeError, match=r"grads\['layer'\]\['count'\] has dtype int32"):
+        gradient_stats({"layer": {"count": jnp.arange(3), "w": jnp.ones(3)}})
+    grads = {"a": jnp.ones(3), "b": {"kernel": jnp.ones((2, 2))}}
+    with pytest.raises(ValueError, match=r"grads\['b'\]\['kernel'\] has no counterpart in params"):
+        gradient_stats(grads, params={"a": jnp.ones(3), "b": {"bias": jnp.ones((2, 2))}})
+    with pytest.raises(ValueError, match=r"updates\['a'\] has shape \(4,\) but grads\['a'\]"):
+        gradient_stats(grads, updates={"a": jnp.ones(4), "b": {"kernel": jnp.ones((2, 2))}})
+
+
+def test_monitor_passes_updates_through_unchanged():
+    grads = _grads()
+    tx = health_monitor(every=3)
+    state = tx.init(grads)
+    updates, state = jax.jit(tx.update)(grads, state, grads)
+    chex.assert_trees_all_equal(updates, grads)
+    np.testing.assert_allclose(
+        state.stats["dense_0"]["kernel"].norm, np.linalg.norm(grads["dense_0"]["kernel"]), 1e-6
+    )
+
+
+def test_monitor_computes_every_k_steps_inside_jit_without_retracing():
+    params = {"w": jnp.ones(4)}
+    tx = health_monitor(every=3, inner=optax.sgd(0.5))
+    state = tx.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, scale):
+        return tx.update({"w": jnp.full(4, scale)}, state, params)
+
+    sgd_state = optax.sgd(0.5).init(params)
+    seen = []
+    for i in range(7):
+        scale = jnp.float32(i + 1)
+        updates, state = step(state, scale)
+        expected, sgd_state = optax.sgd(0.5).update({"w": jnp.full(4, scale)}, sgd_state)
+        chex.assert_trees_all_close(updates, expected)
+        seen.append((int(state.stats_step), float(state.stats["w"].norm)))
+    # Statistics from updates 0, 3 and 6 (gradient norms 2*1, 2*4, 2*7), held in between.
+    assert [s for s, _ in seen] == [0, 0, 0, 3, 3, 3, 6]
+    np.testing.assert_allclose([n for _, n in seen], [2, 2, 2, 8, 8, 8, 14], rtol=1e-6)
+    np.testing.assert_allclose(state.stats["w"].update_ratio, 0.5 * 7 * 2 / 2, rtol=1e-6)
+    assert int(state.count) == 7
+
+
+def test_monitor_without_params_marks_param_norm_unknown():
+    tx = health_monitor(every=1, inner=optax.sgd(1.0))
+    state = tx.init({"w": jnp.ones(2)})
+    _, state = tx.update({"w": jnp.ones(2)}, state)
+    assert np.isnan(state.stats["w"].param_norm) and np.isnan(state.stats["w"].update_ratio)
+    np.testing.assert_allclose(state.stats["w"].update_norm, np.sqrt(2.0), rtol=1e-6)
+
+
+def test_latest_health_finds_the_state_in_a_chain():
+    params = {"w": jnp.ones(2)}
+    tx = optax.chain(optax.clip(1.0), health_monitor(every=1), optax.sgd(0.1))
+    state = tx.init(params)
+    _, state = tx.update({"w": jnp.full(2, 5.0)}, state, params)
+    found = latest_health(state)
+    assert isinstance(found, HealthMonitorState)
+    # The monitor sits after the clipping, so it sees the clipped gradients.
+    np.testing.assert_allclose(found.stats["w"].norm, np.sqrt(2.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="holds no HealthMonitorState"):
+        latest_health(optax.sgd(0.1).init(params))
+
+
+def test_monitor_rejects_bad_every():
+    with pytest.raises(ValueError, match="every must be a positive integer, got 0"):
+        health_monitor(every=0)
+    with pytest.raises(ValueError, match=r"got 2\.5"):
+        health_monitor(every=2.5)
+
+
+def test_log_health_writes_scalars_and_histograms_that_read_back(tmp_path):
+    tensorboardx = pytest.importorskip("tensorboardX")
+    from gradkit import _tensorboard
+
+    grads = _grads()
+    grads["dense_0"]["bias"][1] = np.nan
+    writer = tensorboardx.SummaryWriter(str(tmp_path))
+    for step in (0, 10):
+        log_health(writer, gradient_stats(grads, grads, grads), step)
+    writer.close()
+    scalars = _tensorboard.read_scalars(tmp_path)
+    kernel = np.asarray(grads["dense_0"]["kernel"], np.float64)
+    ((s0, norm0), (s1, _)) = scalars["health/dense_0/kernel/norm"]
+    assert (s0, s1) == (0, 10)
+    np.testing.assert_allclose(norm0, np.linalg.norm(kernel), rtol=1e-6)
+    assert scalars["health/dense_0/bias/nan_count"][0][1] == 1.0
+    assert scalars["health/dense_0/kernel/update_ratio"][0][1] == pytest.approx(1.0)
+    bias = np.asarray(grads["dense_0"]["bias"], np.float64)
+    layer_norm = np.sqrt(np.sum(kernel**2) + np.nansum(bias**2))
+    np.testing.assert_allclose(scalars["health/dense_0/grad_norm"][0][1], layer_norm, rtol=1e-6)
+    histograms = _tensorboard.read_histograms(tmp_path)
+    (step, histo), _ = histograms["health/dense_0/kernel/log2_magnitude"]
+    ref = _reference(kernel)["log2_histogram"]
+    nonzero = np.flatnonzero(ref)
+    assert step == 0 and histo.num == np.count_nonzero(kernel)
+    np.testing.assert_array_equal(histo.bucket, ref[nonzero[0] : nonzero[-1] + 1])
+    np.testing.assert_array_equal(
+        histo.bucket_limit, HISTOGRAM_EXPONENTS[nonzero[0] : nonzero[-1] + 1]
+    )
+
+
+def test_log_health_rejects_other_pytrees():
+    with pytest.raises(TypeError, match=r"stats\['w'\] is ArrayImpl, not LeafStats"):
+        log_health(object(), {"w": jnp.ones(2)}, 0)
+
+
+def test_safe_norm_helpers():
+    np.testing.assert_allclose(_health.combine_norms(jnp.array([3e-30, 4e-30])), 5e-30, rtol=1e-6)
+    assert float(_health.safe_norm(jnp.zeros(3))) == 0.0
