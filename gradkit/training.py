@@ -1,1 +1,1164 @@
-"""Jitted training loops on optax: train state, train step, fit, checkpoints, logging hooks."""
+"""Jitted training loops on optax: train state, train step, fit, checkpoints, logging hooks.
+
+:class:`TrainState` bundles what a step changes (params, optimizer state, step count, PRNG key)
+as one pytree. :func:`make_train_step` turns ``loss_fn(params, batch)`` and an optax optimizer
+into a pure, jitted ``step(state, batch) -> (state, metrics)``. :func:`fit` runs that step over
+arrays or any iterable of batches with a progress bar, evaluation, callbacks, TensorBoard
+scalars, atomic checkpoints that resume bit for bit, NaN stops and data parallelism, and returns
+the final state and a :class:`History`. :func:`tutorial_momentum` is seed 001's momentum rule as
+an optax transform.
+
+Host work (progress bar, logging, checkpoints) happens while the next step already runs on the
+device: ``fit`` reads each step's metrics one step late, so the device is never idle waiting for
+Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gradkit import _checkpoint
+
+__all__ = [
+    "History",
+    "NonFiniteLossError",
+    "TrainState",
+    "TutorialMomentumState",
+    "fit",
+    "global_norm",
+    "make_train_step",
+    "tutorial_momentum",
+]
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Train state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step changes, as one pytree.
+
+    Attributes:
+      params: the model parameters (any pytree of arrays).
+      opt_state: the optax optimizer state for ``params``.
+      step: number of steps taken (int32 scalar array).
+      key: the run's PRNG key. :func:`fit` derives epoch ``e``'s shuffling order from
+        ``jax.random.fold_in(key, e)`` and never changes it, so a resumed run sees the same
+        batches.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> state = TrainState.create({"w": jnp.zeros(3)}, optax.sgd(0.1))
+      >>> int(state.step)
+      0
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        params: PyTree,
+        optimizer: optax.GradientTransformation,
+        *,
+        key: jax.Array | None = None,
+        seed: int = 0,
+    ) -> TrainState:
+        """Returns the state at step 0: ``optimizer.init(params)`` and ``key`` (or ``key(seed)``).
+
+        Raises:
+          TypeError: if ``optimizer`` is not an optax ``GradientTransformation``.
+        """
+        _check_optimizer(optimizer)
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        return cls(
+            params=params,
+            opt_state=optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            key=jax.random.key(seed) if key is None else key,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Returns a copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    TrainState, data_fields=["params", "opt_state", "step", "key"], meta_fields=[]
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer: the tutorial's momentum
+# --------------------------------------------------------------------------------------------
+
+
+class TutorialMomentumState(NamedTuple):
+    """State of :func:`tutorial_momentum`: the step count and one velocity per parameter."""
+
+    count: jax.Array
+    velocity: PyTree
+
+
+def tutorial_momentum(
+    learning_rate: float | optax.Schedule, momentum: float
+) -> optax.GradientTransformation:
+    r"""Seed 001's momentum rule (the Theano tutorial's ``gradient_updates_momentum``), exactly.
+
+    With gradient :math:`g_t` of the loss at the current parameters :math:`\theta_t`, learning
+    rate :math:`\eta` and momentum :math:`m`, both updates read the *old* velocity:
+
+    .. math::
+
+       \theta_{t+1} = \theta_t - \eta\, v_t, \qquad v_{t+1} = m\, v_t + (1 - m)\, g_t,
+       \qquad v_0 = 0.
+
+    How it differs from ``optax.sgd(learning_rate, momentum=m)``, which computes
+    :math:`u_{t+1} = m\,u_t + g_t` and :math:`\theta_{t+1} = \theta_t - \eta\,u_{t+1}`:
+
+    * the tutorial damps the gradient by :math:`(1 - m)`, so its velocity is an exponential
+      moving *average* of gradients (steady-state step :math:`\eta g`), whereas optax's trace is
+      a *sum* (steady-state step :math:`\eta g / (1 - m)`, ten times larger at :math:`m = 0.9`);
+    * the tutorial steps with the velocity *before* adding the current gradient, so every step
+      lags one gradient behind, and the first step does not move the parameters at all.
+
+    Together: ``tutorial_momentum(lr, m)`` applied to gradients :math:`g_1, g_2, \dots` gives
+    exactly the updates of ``optax.sgd(lr * (1 - m), momentum=m)`` applied to
+    :math:`0, g_1, g_2, \dots` (tested).
+
+    Args:
+      learning_rate: :math:`\eta`, a float or an optax schedule of the step count.
+      momentum: :math:`m`, with :math:`0 \le m < 1` (0 is plain gradient descent, one step late).
+
+    Returns:
+      An optax ``GradientTransformation``; updates keep each parameter's dtype.
+
+    Raises:
+      ValueError: if ``momentum`` is outside :math:`[0, 1)` or ``learning_rate`` is negative.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> opt = tutorial_momentum(0.1, 0.9)
+      >>> state = opt.init(jnp.zeros(2))
+      >>> updates, state = opt.update(jnp.ones(2), state)
+      >>> bool((updates == 0).all())  # the first step uses v_0 = 0
+      True
+      >>> updates, state = opt.update(jnp.ones(2), state)
+      >>> [round(u, 6) for u in updates.tolist()]  # -lr * (1 - m) * g_1
+      [-0.01, -0.01]
+
+    References:
+      C. Raffel, "Theano tutorial" (2015), ``gradient_updates_momentum``;
+      https://github.com/craffel/theano-tutorial
+    """
+    if isinstance(momentum, int | float) and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"tutorial_momentum: momentum must be in [0, 1), got {momentum}")
+    if isinstance(learning_rate, int | float) and learning_rate < 0:
+        raise ValueError(f"tutorial_momentum: learning_rate must be >= 0, got {learning_rate}")
+
+    def init_fn(params: PyTree) -> TutorialMomentumState:
+        return TutorialMomentumState(
+            count=jnp.zeros((), jnp.int32),
+            velocity=jax.tree_util.tree_map(jnp.zeros_like, params),
+        )
+
+    def update_fn(
+        updates: PyTree, state: TutorialMomentumState, params: PyTree | None = None
+    ) -> tuple[PyTree, TutorialMomentumState]:
+        del params
+        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        steps = jax.tree_util.tree_map(lambda v: (-rate * v).astype(v.dtype), state.velocity)
+        velocity = jax.tree_util.tree_map(
+            lambda v, g: (momentum * v + (1.0 - momentum) * g).astype(v.dtype),
+            state.velocity,
+            updates,
+        )
+        count = optax.safe_int32_increment(state.count)
+        return steps, TutorialMomentumState(count=count, velocity=velocity)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    r"""The Euclidean norm of all leaves of ``tree`` together, without float underflow.
+
+    .. math::
+
+       \|g\| = s \sqrt{\textstyle\sum_i (g_i / s)^2}, \qquad s = \max_i |g_i|
+
+    Scaling by the largest entry first keeps :math:`(g_i/s)^2` in range: ``optax.global_norm``
+    squares directly, so gradients below about 1e-19 in float32 square to 0 and their norm reads
+    0. Inf anywhere gives inf, NaN anywhere gives NaN.
+
+    Args:
+      tree: a pytree of real arrays (empty leaves are skipped).
+
+    Returns:
+      A scalar in the leaves' promoted dtype (float32 for an empty tree).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> print(f'{float(global_norm({"a": jnp.full(4, 1e-30)})):.3g}')  # optax.global_norm: 0
+      2e-30
+    """
+    leaves = [jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+    leaves = [leaf for leaf in leaves if leaf.size]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    dtype = jnp.result_type(*leaves)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.float32
+    leaves = [leaf.astype(dtype) for leaf in leaves]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
+    scale = jnp.where(jnp.isfinite(largest) & (largest > 0), largest, jnp.ones((), dtype))
+    total = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
+    return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(total), largest)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return
+    if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
+        return
+    hint = ""
+    if callable(optimizer) and getattr(optimizer, "__module__", "").startswith("optax"):
+        hint = f"; call it first, e.g. optax.{optimizer.__name__}(learning_rate=1e-3)"
+    elif isinstance(optimizer, str):
+        hint = f"; pass the transform itself, e.g. optax.{optimizer}(learning_rate=1e-3)"
+    raise TypeError(
+        "optimizer must be an optax GradientTransformation (an object with init and update), "
+        f"got {optimizer!r} of type {type(optimizer).__name__}{hint}"
+    )
+
+
+def _floating_dtypes(tree: PyTree) -> set[jnp.dtype]:
+    dtypes = set()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.result_type(leaf)))
+        if jnp.issubdtype(dtype, jnp.floating):
+            dtypes.add(dtype)
+    return dtypes
+
+
+def _check_dtypes(params: PyTree, batch: PyTree) -> None:
+    """Raises when floating data and floating params disagree (the floatX mistake)."""
+    param_dtypes = _floating_dtypes(params)
+    if len(param_dtypes) != 1:
+        return
+    (param_dtype,) = param_dtypes
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.result_type(leaf)))
+        if jnp.issubdtype(dtype, jnp.floating) and dtype != param_dtype:
+            raise TypeError(
+                f"the data and the params have different float dtypes: batch"
+                f"{jax.tree_util.keystr(path)} is {dtype} but the params are {param_dtype}, so "
+                f"every step would compute in {jnp.promote_types(dtype, param_dtype)}. Cast one "
+                f"to the other (e.g. x.astype(jnp.{param_dtype})), or pass check_dtypes=False "
+                f"if the mix is deliberate"
+            )
+
+
+def _make_step_body(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool,
+    clip_global_norm: float | None,
+    check_dtypes: bool,
+) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns the pure (un-jitted) step shared by :func:`make_train_step` and :func:`fit`."""
+
+    def loss_and_aux(params: PyTree, batch: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
+        out = loss_fn(params, batch)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"with has_aux=True, loss_fn must return (loss, aux), got {type(out).__name__}"
+                )
+            loss, aux = out
+            if not isinstance(aux, Mapping):
+                raise TypeError(
+                    f"with has_aux=True, aux must be a dict of scalars, got {type(aux).__name__}"
+                )
+        else:
+            loss, aux = out, {}
+        if isinstance(out, tuple) and not has_aux:
+            raise TypeError(
+                f"loss_fn returned a tuple of {len(out)}; return a scalar, or pass has_aux=True "
+                f"and return (loss, aux_dict)"
+            )
+        loss = jnp.asarray(loss)
+        if loss.shape != ():
+            raise ValueError(
+                f"loss_fn must return a scalar, got shape {loss.shape}; reduce it, e.g. with "
+                f".mean() or .sum()"
+            )
+        if not jnp.issubdtype(loss.dtype, jnp.floating):
+            raise TypeError(f"loss_fn must return a floating scalar, got dtype {loss.dtype}")
+        for name, value in aux.items():
+            if jnp.shape(value) != ():
+                raise ValueError(
+                    f"aux[{name!r}] must be a scalar to go into the metrics, got shape "
+                    f"{jnp.shape(value)}"
+                )
+            if name in ("loss", "grad_norm"):
+                raise ValueError(f"aux may not use the reserved metric name {name!r}")
+        return loss, dict(aux)
+
+    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
+        if check_dtypes:
+            _check_dtypes(state.params, batch)
+        (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(state.params, batch)
+        grad_norm = global_norm(grads)
+        if clip_global_norm is not None:
+            factor = jnp.minimum(1.0, clip_global_norm / jnp.maximum(grad_norm, 1e-38))
+            grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+
+    return step
+
+
+def _validate_step_arguments(loss_fn: Any, optimizer: Any, clip_global_norm: float | None) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
+    _check_optimizer(optimizer)
+    if clip_global_norm is not None and not (
+        isinstance(clip_global_norm, int | float) and clip_global_norm > 0
+    ):
+        raise ValueError(f"clip_global_norm must be a positive number, got {clip_global_norm!r}")
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    clip_global_norm: float | None = None,
+    check_dtypes: bool = True,
+) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
+    r"""Returns a jitted, pure ``step(state, batch) -> (state, metrics)``.
+
+    One step computes the loss and its gradient at ``state.params``, the gradient's global norm
+    (see :func:`global_norm`), optionally rescales the gradient to norm at most
+    ``clip_global_norm``, applies ``optimizer`` and increments ``state.step``. It compiles once
+    per batch shape and dtype: calling it again with a same-shaped batch does not retrace.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, or ``-> (scalar, aux)`` with ``has_aux``,
+        where ``aux`` is a dict of scalars that is added to the metrics.
+      optimizer: an optax ``GradientTransformation``; create the state with
+        ``TrainState.create(params, optimizer)``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      clip_global_norm: if set, gradients are scaled by :math:`\min(1, c / \|g\|)` before the
+        optimizer (same rule as ``optax.clip_by_global_norm``, without adding optimizer state).
+      check_dtypes: raise if floating data and params have different dtypes (default True).
+
+    Returns:
+      ``step(state, batch) -> (new_state, metrics)`` with metrics ``"loss"`` (at the params
+      before the update), ``"grad_norm"`` (before clipping) and the aux entries.
+
+    Raises:
+      TypeError: if ``optimizer`` is not an optax transform or ``loss_fn`` is not callable; at
+        trace time, if data and params dtypes differ or ``aux`` is not a dict.
+      ValueError: at trace time, if ``loss_fn`` does not return a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> loss = lambda p, b: jnp.mean((b[0] * p["w"] - b[1]) ** 2)
+      >>> step = make_train_step(loss, optax.sgd(0.1))
+      >>> state = TrainState.create({"w": jnp.zeros(())}, optax.sgd(0.1))
+      >>> state, metrics = step(state, (jnp.ones(4), 2 * jnp.ones(4)))
+      >>> float(metrics["loss"]), round(float(state.params["w"]), 6)
+      (4.0, 0.4)
+    """
+    _validate_step_arguments(loss_fn, optimizer, clip_global_norm)
+    body = _make_step_body(
+        loss_fn,
+        optimizer,
+        has_aux=has_aux,
+        clip_global_norm=clip_global_norm,
+        check_dtypes=check_dtypes,
+    )
+    return jax.jit(body)
+
+
+# --------------------------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------------------------
+
+
+class History:
+    """Per-step training metrics and per-evaluation metrics, as NumPy arrays.
+
+    Train metrics (``loss``, ``grad_norm`` and any aux) are recorded every step; ``steps[i]`` is
+    the step count *after* the update whose loss is ``history["loss"][i]`` (the loss itself is
+    measured at the params before that update, as the step computes it). Evaluation metrics are
+    recorded at ``eval_steps``.
+
+    Example:
+      >>> h = History()
+      >>> h.record(1, {"loss": 2.0}); h.record(2, {"loss": 1.0})
+      >>> h["loss"].tolist(), h.steps.tolist()
+      ([2.0, 1.0], [1, 2])
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[int] = []
+        self._train: dict[str, list[float]] = {}
+        self._eval_steps: list[int] = []
+        self._eval: dict[str, list[float]] = {}
+
+    @staticmethod
+    def _append(store: dict[str, list[float]], length: int, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            store.setdefault(name, [math.nan] * length).append(float(value))
+        for column in store.values():
+            if len(column) == length:
+                column.append(math.nan)
+
+    def record(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Appends one step's train metrics."""
+        self._append(self._train, len(self._steps), metrics)
+        self._steps.append(int(step))
+
+    def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Appends one evaluation's metrics."""
+        self._append(self._eval, len(self._eval_steps), metrics)
+        self._eval_steps.append(int(step))
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step numbers of the train metrics, ``(n,)`` int."""
+        return np.asarray(self._steps, dtype=np.int64)
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Train metrics, name to ``(n,)`` array."""
+        return {name: np.asarray(values) for name, values in self._train.items()}
+
+    @property
+    def eval_steps(self) -> np.ndarray:
+        """Step numbers of the evaluations, ``(m,)`` int."""
+        return np.asarray(self._eval_steps, dtype=np.int64)
+
+    @property
+    def eval_metrics(self) -> dict[str, np.ndarray]:
+        """Evaluation metrics, name to ``(m,)`` array."""
+        return {name: np.asarray(values) for name, values in self._eval.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._train:
+            return np.asarray(self._train[name])
+        if name in self._eval:
+            return np.asarray(self._eval[name])
+        raise KeyError(
+            f"no metric {name!r}; train metrics {sorted(self._train)}, "
+            f"eval metrics {sorted(self._eval)}"
+        )
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __repr__(self) -> str:
+        last = {name: values[-1] for name, values in self._train.items() if values}
+        return (
+            f"History({len(self)} steps, train={sorted(self._train)}, eval={sorted(self._eval)}, "
+            f"last={last})"
+        )
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Returns arrays and JSON metadata that :meth:`from_arrays` turns back into a History."""
+        arrays = {"history_steps": self.steps, "history_eval_steps": self.eval_steps}
+        train_names, eval_names = sorted(self._train), sorted(self._eval)
+        for index, name in enumerate(train_names):
+            arrays[f"history_train_{index}"] = np.asarray(self._train[name], np.float64)
+        for index, name in enumerate(eval_names):
+            arrays[f"history_eval_{index}"] = np.asarray(self._eval[name], np.float64)
+        return arrays, {"history_train": train_names, "history_eval": eval_names}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> History:
+        """Rebuilds a History from :meth:`to_arrays`'s output."""
+        history = cls()
+        history._steps = [int(s) for s in arrays["history_steps"]]
+        history._eval_steps = [int(s) for s in arrays["history_eval_steps"]]
+        for index, name in enumerate(metadata["history_train"]):
+            history._train[name] = [float(v) for v in arrays[f"history_train_{index}"]]
+        for index, name in enumerate(metadata["history_eval"]):
+            history._eval[name] = [float(v) for v in arrays[f"history_eval_{index}"]]
+        return history
+
+    def plot(self, names: Sequence[str] | None = None, *, path: str | Path | None = None) -> Any:
+        """Plots each metric against the step, one panel per metric (needs matplotlib).
+
+        Args:
+          names: the metrics to plot (train or eval); default all train then all eval metrics.
+          path: if given, the figure is also saved there (PNG, SVG, … by extension).
+
+        Returns:
+          The matplotlib ``Figure``.
+
+        Raises:
+          ImportError: without matplotlib (``pip install "gradkit[plot]"``).
+          KeyError: for an unknown metric name.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:  # pragma: no cover - exercised only without the extra
+            raise ImportError(
+                'History.plot needs matplotlib: pip install "gradkit[plot]"'
+            ) from error
+        names = list(names) if names is not None else [*self._train, *self._eval]
+        if not names:
+            raise ValueError("History.plot: there is nothing to plot yet")
+        figure, axes = plt.subplots(
+            len(names), 1, figsize=(6.4, 2.2 * len(names)), sharex=True, squeeze=False
+        )
+        for axis, name in zip(axes[:, 0], names, strict=True):
+            values = self[name]
+            steps = self.steps if name in self._train else self.eval_steps
+            marker = "o" if len(values) <= 50 else None
+            axis.plot(steps, values, marker=marker, markersize=3)
+            axis.set_ylabel(name if name in self._train else f"eval {name}")
+            positive = values[np.isfinite(values)]
+            if name == "grad_norm" and positive.size and np.all(positive > 0):
+                axis.set_yscale("log")
+            axis.grid(True, alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=100)
+        return figure
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by :func:`fit` when a step's loss or gradient norm is NaN or infinite.
+
+    Attributes:
+      step: the step number (1-based) whose loss or gradient was not finite.
+      state: the state *before* that step (its params are the last finite ones; pass them with
+        ``batch`` to ``gradkit.diagnostics.find_nan_origin`` to find the operation responsible).
+      batch: the batch of that step.
+      history: the metrics up to the previous step.
+      checkpoint: the newest checkpoint left in ``checkpoint_dir`` (``None`` without one); the
+        failing state is never written.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        state: TrainState,
+        batch: PyTree,
+        history: History,
+        checkpoint: Path | None,
+    ):
+        super().__init__(message)
+        self.step = step
+        self.state = state
+        self.batch = batch
+        self.history = history
+        self.checkpoint = checkpoint
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray | jax.Array)
+
+
+def _array_dataset(data: Any) -> PyTree | None:
+    """Returns ``data`` as a pytree of arrays if it is one (array, tuple or dict of arrays)."""
+    if _is_array(data):
+        return data
+    if isinstance(data, tuple | Mapping):
+        leaves = jax.tree_util.tree_leaves(data)
+        if leaves and all(_is_array(leaf) for leaf in leaves):
+            return data
+    return None
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class _Batches:
+    """Where the batches come from: shuffled slices of arrays, or an iterable."""
+
+    def __init__(self, data: Any, batch_size: int | None, shuffle: bool, mesh_size: int):
+        self.arrays = _array_dataset(data)
+        self.mesh_size = mesh_size
+        if self.arrays is not None:
+            leaves = jax.tree_util.tree_leaves(self.arrays)
+            lengths = {int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves}
+            if len(lengths) != 1 or 0 in lengths:
+                shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+                raise ValueError(
+                    "data arrays must share a non-empty leading (example) axis, got shapes "
+                    f"{shapes}"
+                )
+            (self.size,) = lengths
+            self.batch_size = (
+                self.size if batch_size is None else _positive_int(batch_size, "batch_size")
+            )
+            if self.batch_size > self.size:
+                raise ValueError(
+                    f"batch_size {self.batch_size} is larger than the data ({self.size} "
+                    f"examples); use batch_size <= {self.size} (or None for the full batch)"
+                )
+            self.steps_per_epoch = self.size // self.batch_size
+            self.shuffle = shuffle
+        else:
+            if not isinstance(data, Iterable) or isinstance(data, str | bytes):
+                raise TypeError(
+                    "data must be arrays (an array, or a tuple or dict of arrays sharing their "
+                    f"leading axis) or an iterable of batches, got {type(data).__name__}"
+                )
+            if batch_size is not None:
+                raise ValueError(
+                    "batch_size applies to array data; an iterable already yields batches "
+                    "(pass batch_size=None)"
+                )
+            self.iterable = data
+            self.batch_size = None
+            self.steps_per_epoch = len(data) if hasattr(data, "__len__") else None
+        if self.batch_size is not None and self.batch_size % mesh_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by the {mesh_size} devices of "
+                f"the mesh's data axis"
+            )
+
+
+def _iterate(data: Iterable, skip: int) -> Iterator[Any]:
+    """Yields batches from ``data`` pass after pass, after skipping ``skip`` batches."""
+    seen = 0
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            if seen >= skip:
+                yield batch
+            seen += 1
+        if empty:
+            return
+        if iter(data) is data:  # a one-shot iterator is exhausted after its pass
+            return
+
+
+def fit(
+    loss_fn: LossFn,
+    params: PyTree,
+    data: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    eval_fn: Callable[[PyTree], Any] | None = None,
+    eval_every: int | None = None,
+    callbacks: Sequence[Callable[..., Any]] = (),
+    progress: bool = True,
+    log_dir: str | Path | None = None,
+    log_every: int = 1,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = 3,
+    resume: bool = True,
+    mesh: Mesh | None = None,
+    data_parallel: bool = False,
+    seed: int = 0,
+    has_aux: bool = False,
+    clip_global_norm: float | None = None,
+    check_dtypes: bool = True,
+) -> tuple[TrainState, History]:
+    """Trains ``params`` to minimise ``loss_fn`` with ``optimizer``; returns ``(state, history)``.
+
+    Each step is :func:`make_train_step`'s step, compiled once. With array data, each epoch's
+    order is ``jax.random.permutation(fold_in(key(seed), epoch), n)`` and the batch is gathered
+    inside the compiled step, so a run is a deterministic function of ``seed``; the last
+    ``n % batch_size`` examples of each epoch's order are left out so every batch has the same
+    shape.
+
+    Everything checkable is checked before the first step: the optimizer type, ``steps`` /
+    ``epochs``, ``batch_size`` against the data, data against params dtypes, the checkpoint
+    folder; a non-scalar loss is reported when the first step is traced, before any update.
+
+    Checkpoints (``checkpoint_dir``) are ``.npz`` files, never pickles, written atomically (to a
+    temporary file, then renamed) every ``checkpoint_every`` steps, at the end, and when the run
+    is interrupted (``KeyboardInterrupt`` writes one, then re-raises). With ``resume=True`` a run
+    continues from the newest checkpoint, and a run interrupted at step n and resumed ends with
+    bit-for-bit the parameters of an uninterrupted run (same device and software). A checkpoint
+    of a different model or optimizer is refused with the list of differences. A NaN or infinite
+    loss or gradient norm stops the run with :class:`NonFiniteLossError`; the failing state is
+    not checkpointed, so the newest checkpoint is the last good one.
+
+    Data parallelism uses JAX's sharding: with ``mesh`` (or ``data_parallel=True``, a 1-D mesh
+    over ``jax.devices()``) the batch is split along the mesh's first axis and params and
+    optimizer state are replicated; XLA inserts the gradient all-reduce. On several hosts, call
+    ``jax.distributed.initialize()`` in every process first, build the mesh over
+    ``jax.devices()`` (all hosts' devices), and give each process an iterable yielding its own
+    slice of each global batch: ``fit`` assembles them with
+    ``jax.make_array_from_process_local_data``. (Array data is placed whole on every device,
+    which suits data that fits on one host.)
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux_dict)`` with
+        ``has_aux``). ``batch`` has the structure of ``data`` (for arrays) or of each batch.
+      params: initial parameters (any pytree of float arrays).
+      data: arrays (an array, a tuple or a dict of arrays with a common leading axis), shuffled
+        and batched on the fly; or any other iterable of batches (a list, a generator, a data
+        loader), used as is and re-iterated for more passes when it can be.
+      optimizer: an optax ``GradientTransformation``.
+      steps: total number of steps (counting steps already done when resuming). Exactly one of
+        ``steps`` and ``epochs``.
+      epochs: number of passes over the data.
+      batch_size: examples per step for array data (``None``: the whole data, full batch).
+      shuffle: reshuffle array data every epoch (``False`` keeps the given order).
+      eval_fn: ``eval_fn(params) -> scalar or dict of scalars``, called every ``eval_every``
+        steps and after the last step (jit it yourself if it is heavy).
+      eval_every: evaluation interval in steps (``None``: only after the last step).
+      callbacks: each is called as ``callback(step, state, metrics)`` after every step, where
+        ``metrics`` holds this step's floats (and ``eval_<name>`` at evaluation steps); a
+        callback returning ``True`` stops training after that step.
+      progress: show a tqdm progress bar (notebook-aware) with step, loss and steps/s.
+      log_dir: write TensorBoard scalars there (``train/loss``, ``train/grad_norm``,
+        ``train/<aux>``, ``eval/<name>``); needs tensorboardX.
+      log_every: TensorBoard interval in steps.
+      checkpoint_dir: folder for checkpoints (``None``: no checkpoints).
+      checkpoint_every: checkpoint interval in steps (``None``: only at the end and on
+        interrupt).
+      keep_checkpoints: how many newest checkpoints to keep (``None``: all).
+      resume: continue from the newest checkpoint in ``checkpoint_dir``. With ``False`` a folder
+        that already holds checkpoints is refused rather than overwritten.
+      mesh: a ``jax.sharding.Mesh`` for data parallelism.
+      data_parallel: use a mesh over all ``jax.devices()`` (ignored when ``mesh`` is given).
+      seed: seed of the run's PRNG key (shuffling order).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; aux scalars join the metrics.
+      clip_global_norm: clip gradients to this global norm (see :func:`make_train_step`).
+      check_dtypes: refuse data whose float dtype differs from the params' (default True).
+
+    Returns:
+      ``(state, history)``: the final :class:`TrainState` and the :class:`History` (including
+      the steps before a resume).
+
+    Raises:
+      TypeError: for an optimizer that is not an optax transform, non-callable callbacks, or
+        data whose float dtype differs from the params'.
+      ValueError: for a bad ``steps``/``epochs``/``batch_size``, a non-scalar loss, or a
+        checkpoint folder holding another model's checkpoints (or any, with ``resume=False``).
+      NonFiniteLossError: when a step's loss or gradient norm is not finite.
+      KeyboardInterrupt: re-raised after writing a final checkpoint.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, optax
+      >>> x = np.linspace(-1, 1, 64, dtype=np.float32); y = 3 * x
+      >>> loss = lambda p, b: jnp.mean((p["w"] * b[0] - b[1]) ** 2)
+      >>> state, history = fit(loss, {"w": jnp.zeros(())}, (x, y), optax.sgd(0.5),
+      ...                      steps=50, batch_size=16, progress=False)
+      >>> round(float(state.params["w"]), 3), len(history)
+      (3.0, 50)
+    """
+    _validate_step_arguments(loss_fn, optimizer, clip_global_norm)
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            f"pass exactly one of steps and epochs, got steps={steps}, epochs={epochs}"
+        )
+    for callback in callbacks:
+        if not callable(callback):
+            raise TypeError(f"callbacks must be callables, got {callback!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable as eval_fn(params), got {eval_fn!r}")
+    eval_every = None if eval_every is None else _positive_int(eval_every, "eval_every")
+    log_every = _positive_int(log_every, "log_every")
+    if checkpoint_every is not None:
+        checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    if keep_checkpoints is not None:
+        keep_checkpoints = _positive_int(keep_checkpoints, "keep_checkpoints")
+
+    if mesh is None and data_parallel:
+        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh_size = int(mesh.shape[mesh.axis_names[0]]) if mesh is not None else 1
+    batches = _Batches(data, batch_size, shuffle, mesh_size)
+
+    if epochs is not None:
+        epochs = _positive_int(epochs, "epochs")
+        total = None if batches.steps_per_epoch is None else epochs * batches.steps_per_epoch
+    else:
+        total = _positive_int(steps, "steps")
+
+    state = TrainState.create(params, optimizer, seed=seed)
+    if batches.arrays is not None:
+        arrays = jax.tree_util.tree_map(jnp.asarray, batches.arrays)
+        if check_dtypes:
+            _check_dtypes(state.params, arrays)
+
+    history = History()
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if checkpoint_dir is not None:
+        newest = _checkpoint.latest_checkpoint(checkpoint_dir)
+        if newest is not None and not resume:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} already holds checkpoints (newest {newest.name})"
+                "; pass resume=True to continue that run, or use an empty folder"
+            )
+        if newest is not None:
+            state, extra, metadata = _checkpoint.restore(newest, state)
+            history = History.from_arrays(extra, metadata)
+
+    writer = None
+    if log_dir is not None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as error:  # pragma: no cover - exercised only without the extra
+            raise ImportError(
+                'log_dir needs tensorboardX: pip install "gradkit[tensorboard]"'
+            ) from error
+        writer = SummaryWriter(str(log_dir))
+
+    body = _make_step_body(
+        loss_fn,
+        optimizer,
+        has_aux=has_aux,
+        clip_global_norm=clip_global_norm,
+        check_dtypes=check_dtypes,
+    )
+    run = _Run(
+        body=body,
+        batches=batches,
+        state=state,
+        history=history,
+        total=total,
+        epochs=epochs,
+        mesh=mesh,
+        eval_fn=eval_fn,
+        eval_every=eval_every,
+        callbacks=tuple(callbacks),
+        writer=writer,
+        log_every=log_every,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        progress=progress,
+    )
+    try:
+        return run.execute()
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class _Pending(NamedTuple):
+    step: int
+    before: TrainState
+    after: TrainState
+    metrics: dict[str, jax.Array]
+    batch: Callable[[], PyTree]
+
+
+class _Run:
+    """The host side of :func:`fit`: one object per call, holding the loop's state."""
+
+    def __init__(self, *, body, batches, state, history, total, epochs, mesh, **options):
+        self.batches = batches
+        self.history = history
+        self.total = total
+        self.epochs = epochs
+        self.options = options
+        directory = options["checkpoint_dir"]
+        self.last_checkpoint = (
+            None if directory is None else _checkpoint.latest_checkpoint(directory)
+        )
+        self.replicated = self.batch_sharding = None
+        if mesh is not None:
+            self.replicated = NamedSharding(mesh, PartitionSpec())
+            self.batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+            state = jax.device_put(state, self.replicated)
+        self.state = state
+        self.good = state  # the newest state whose metrics were finite
+        self.checkpointed_step = int(state.step)
+        self.body = body
+        if batches.arrays is not None:
+            self.step_fn = jax.jit(self._indexed_step)
+            self.arrays = jax.tree_util.tree_map(jnp.asarray, batches.arrays)
+            if self.replicated is not None:
+                self.arrays = jax.device_put(self.arrays, self.replicated)
+            self.permutation = jax.jit(jax.random.permutation, static_argnums=1)
+        else:
+            self.step_fn = jax.jit(self._constrained_step)
+
+    # -- compiled pieces ----------------------------------------------------------------------
+
+    def _constrained_step(self, state: TrainState, batch: PyTree):
+        if self.batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+        new_state, metrics = self.body(state, batch)
+        if self.replicated is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, self.replicated)
+        return new_state, metrics
+
+    def _gather(self, arrays: PyTree, order: jax.Array, offset: jax.Array) -> PyTree:
+        size = self.batches.batch_size
+        if size == self.batches.size and not self.batches.shuffle:
+            return arrays
+        index = jax.lax.dynamic_slice_in_dim(order, offset, size)
+        return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, index, axis=0), arrays)
+
+    def _indexed_step(self, state, arrays, order, offset):
+        return self._constrained_step(state, self._gather(arrays, order, offset))
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> jax.Array:
+        if not self.batches.shuffle:
+            return jnp.arange(self.batches.size, dtype=jnp.int32)
+        key = jax.random.fold_in(self.state.key, epoch)
+        return self.permutation(key, self.batches.size).astype(jnp.int32)
+
+    def _step_inputs(self) -> Iterator[tuple[tuple[Any, ...], Callable[[], PyTree]]]:
+        start = int(self.state.step)
+        if self.batches.arrays is not None:
+            per_epoch = self.batches.steps_per_epoch
+            epoch, order = None, None
+            for step in range(start, self.total):
+                if step // per_epoch != epoch:
+                    epoch = step // per_epoch
+                    order = self._epoch_order(epoch)
+                offset = (step % per_epoch) * self.batches.batch_size
+                args = (self.arrays, order, np.int32(offset))
+
+                def batch(order=order, offset=offset):
+                    return jax.device_get(self._gather(self.arrays, order, offset))
+
+                yield args, batch
+            return
+        limit = self.total
+        if limit is None and self.epochs is not None and self.batches.steps_per_epoch is None:
+            # An iterable of unknown length: count passes ourselves.
+            yield from self._passes(start)
+            return
+        for step, batch in enumerate(_iterate(self.batches.iterable, start), start):
+            if limit is not None and step >= limit:
+                return
+            yield (self._place(batch),), (lambda batch=batch: batch)
+
+    def _passes(self, start: int):
+        seen = 0
+        for _ in range(self.epochs):
+            for batch in self.batches.iterable:
+                if seen >= start:
+                    yield (self._place(batch),), (lambda batch=batch: batch)
+                seen += 1
+
+    def _place(self, batch: PyTree) -> PyTree:
+        if self.batch_sharding is None:
+            return batch
+        sharding = self.batch_sharding
+        for leaf in jax.tree_util.tree_leaves(batch):
+            rows = np.shape(leaf)[0] if np.ndim(leaf) else 0
+            global_rows = rows * jax.process_count()
+            if global_rows % self.batches.mesh_size:
+                raise ValueError(
+                    f"a batch with leading axis {global_rows} cannot be split over the "
+                    f"{self.batches.mesh_size} devices of the mesh's data axis"
+                )
+        if jax.process_count() > 1:
+            return jax.tree_util.tree_map(
+                lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)),
+                batch,
+            )
+        return jax.device_put(batch, sharding)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def execute(self) -> tuple[TrainState, History]:
+        options = self.options
+        start = int(self.state.step)
+        if self.total is not None and start >= self.total:
+            return self.state, self.history
+        bar = _progress_bar(options["progress"], self.total, start)
+        pending: _Pending | None = None
+        self.stopped = False
+        try:
+            for args, batch in self._step_inputs():
+                before = self.state
+                after, metrics = self.step_fn(before, *args)
+                if pending is not None:
+                    self._consume(pending, bar)
+                    if self.stopped:
+                        pending = None
+                        break
+                pending = _Pending(int(before.step) + 1, before, after, metrics, batch)
+                self.state = after
+            if pending is not None:
+                self._consume(pending, bar)
+                pending = None
+        except KeyboardInterrupt:
+            if pending is not None:
+                try:
+                    self._consume(pending, bar, run_callbacks=False)
+                except NonFiniteLossError:
+                    pass
+            self._finish(bar, final_eval=False)
+            where = f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else ""
+            print(
+                f"fit: interrupted after step {int(self.good.step)}{where}",
+                file=sys.stderr,
+            )
+            raise
+        except BaseException:
+            bar.close()
+            raise
+        self._finish(bar, final_eval=True)
+        return self.good, self.history
+
+    def _consume(self, pending: _Pending, bar: Any, *, run_callbacks: bool = True) -> None:
+        """Host work for one finished step: NaN check, history, logs, eval, callbacks, saves."""
+        options = self.options
+        values = {name: float(value) for name, value in jax.device_get(pending.metrics).items()}
+        step = pending.step
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            bar.close()
+            last = self.history["loss"][-1] if len(self.history) else None
+            kept = (
+                f"the newest checkpoint, {self.last_checkpoint}, is the last good one"
+                if self.last_checkpoint
+                else "no checkpoint was written"
+            )
+            raise NonFiniteLossError(
+                f"training stopped at step {step}: the loss is {values['loss']} and the "
+                f"gradient norm {values['grad_norm']} (previous loss: {last}); {kept}. "
+                "The error's .state (params before this step) and .batch reproduce it, e.g. "
+                "with gradkit.diagnostics.find_nan_origin(loss_fn, error.state.params, "
+                "error.batch).",
+                step=step,
+                state=pending.before,
+                batch=pending.batch(),
+                history=self.history,
+                checkpoint=self.last_checkpoint,
+            )
+        self.good = pending.after
+        self.history.record(step, values)
+        writer = options["writer"]
+        if writer is not None and step % options["log_every"] == 0:
+            for name, value in values.items():
+                writer.add_scalar(f"train/{name}", value, step)
+        bar.advance(step, values["loss"])
+        eval_every = options["eval_every"]
+        if eval_every is not None and step % eval_every == 0:
+            values.update(self._evaluate(step))
+        if run_callbacks:
+            for callback in options["callbacks"]:
+                if callback(step, pending.after, dict(values)) is True:
+                    self.stopped = True
+        every = options["checkpoint_every"]
+        if every is not None and step % every == 0:
+            self._save()
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        result = jax.device_get(self.options["eval_fn"](self.good.params))
+        if not isinstance(result, Mapping):
+            result = {"eval": result}
+        values = {name: float(np.asarray(value)) for name, value in result.items()}
+        self.history.record_eval(step, values)
+        writer = self.options["writer"]
+        if writer is not None:
+            for name, value in values.items():
+                writer.add_scalar(f"eval/{name}", value, step)
+        return {f"eval_{name}": value for name, value in values.items()}
+
+    def _save(self) -> None:
+        directory = self.options["checkpoint_dir"]
+        step = int(self.good.step)
+        if directory is None or step == self.checkpointed_step:
+            return
+        arrays, metadata = self.history.to_arrays()
+        self.last_checkpoint = _checkpoint.save(
+            directory,
+            step,
+            self.good,
+            extra_arrays=arrays,
+            extra_metadata=metadata,
+            keep=self.options["keep_checkpoints"],
+        )
+        self.checkpointed_step = step
+
+    def _finish(self, bar: Any, *, final_eval: bool) -> None:
+        step = int(self.good.step)
+        eval_steps = self.history.eval_steps
+        if (
+            final_eval
+            and self.options["eval_fn"] is not None
+            and not (eval_steps.size and eval_steps[-1] == step)
+        ):
+            self._evaluate(step)
+        self._save()
+        bar.close()
+        if self.options["writer"] is not None:
+            self.options["writer"].flush()
+
+
+class _ProgressBar:
+    """tqdm with step, loss and steps/s; the loss text is refreshed at most 5 times a second."""
+
+    def __init__(self, enabled: bool, total: int | None, start: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.shown = start
+        self.last_text = 0.0
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.shown)
+        self.shown = step
+        now = time.monotonic()
+        if now - self.last_text > 0.2:
+            self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=False)
+            self.last_text = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _progress_bar(enabled: bool, total: int | None, start: int) -> _ProgressBar:
+    return _ProgressBar(enabled, total, start)
