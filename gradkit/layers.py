@@ -207,7 +207,7 @@ def _resolve_activation(activation: Activation, layer: str) -> Callable[[jax.Arr
     try:
         return activations.get(activation)
     except (KeyError, ValueError) as error:
-        raise ValueError(f"{layer}: unknown activation {activation!r}: {error}") from error
+        raise ValueError(f"{layer}: {error}") from error
 
 
 def _as_features(value: Any, argument: str, layer: str) -> int:
