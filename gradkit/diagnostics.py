@@ -14,3 +14,6 @@ from gradkit._health import gradient_stats as gradient_stats  # noqa: E402, RUF1
 from gradkit._health import health_monitor as health_monitor  # noqa: E402, RUF100
 from gradkit._health import latest_health as latest_health  # noqa: E402, RUF100
 from gradkit._health import log_health as log_health  # noqa: E402, RUF100
+from gradkit._nan_origin import NanEvent as NanEvent  # noqa: E402, RUF100
+from gradkit._nan_origin import NanOriginReport as NanOriginReport  # noqa: E402, RUF100
+from gradkit._nan_origin import find_nan_origin as find_nan_origin  # noqa: E402, RUF100

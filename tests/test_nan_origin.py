@@ -1,0 +1,141 @@
+"""find_nan_origin names the equation, the pass and the user's line for the usual NaN traps."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradkit.diagnostics import find_nan_origin
+
+
+def _line_of(function, marker):
+    """The file line of ``function`` holding the comment ``marker``."""
+    lines, start = inspect.getsourcelines(function)
+    (offset,) = [i for i, line in enumerate(lines) if f"# {marker}" in line]
+    return start + offset
+
+
+def log_of_softmax(logits):
+    probabilities = jax.nn.softmax(logits)
+    return -jnp.log(probabilities)[0]  # LOG
+
+
+def stable_cross_entropy(logits):
+    return -jax.nn.log_softmax(logits)[0]
+
+
+def test_log_of_softmax_with_large_logits():
+    logits = jnp.array([0.0, 200.0])
+    assert np.isnan(jax.grad(log_of_softmax)(logits)).all()  # the trap is real
+    report = find_nan_origin(jax.grad(log_of_softmax), logits)
+    assert report.found and report.cause == "log_of_softmax"
+    first = report.first
+    assert first.primitive == "log" and first.phase == "forward" and first.produced == "-Inf"
+    assert first.location.file == __file__
+    assert first.location.line == _line_of(log_of_softmax, "LOG")
+    assert first.inputs[0].zero_count == 1
+    assert "log_softmax" in report.explanation
+    assert any(e.phase == "backward" and "NaN" in e.produced for e in report.events)
+    assert f"{__file__}:{first.location.line}" in str(report)
+    # The fix it recommends has a finite gradient and no event at all.
+    assert np.isfinite(jax.grad(stable_cross_entropy)(logits)).all()
+    assert not find_nan_origin(jax.grad(stable_cross_entropy), logits).found
+
+
+def distance(x):
+    return jnp.sqrt(jnp.sum(x**2))  # SQRT
+
+
+def test_sqrt_at_zero_in_the_backward_pass():
+    report = find_nan_origin(jax.grad(distance), jnp.zeros(3))
+    assert report.cause == "sqrt_at_zero"
+    assert report.first.primitive == "div" and report.first.produced == "+Inf"
+    assert report.first.location.line == _line_of(distance, "SQRT")
+    # The forward value was fine: the NaN is made in the backward pass.
+    nan_events = [e for e in report.events if "NaN" in e.produced]
+    assert nan_events and nan_events[0].phase == "backward"
+    assert report.outputs[0].nan_count == 3
+
+
+def test_library_norm_at_zero_is_named_too():
+    report = find_nan_origin(jax.grad(jnp.linalg.norm), jnp.zeros(4))
+    assert report.cause == "sqrt_at_zero"
+    assert any("norm" in scope for scope in report.first.scopes)
+
+
+def safe_log(x):
+    return jnp.where(x > 0, jnp.log(x), 0.0)  # WHERE
+
+
+def double_where_log(x):
+    positive = x > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def test_where_does_not_protect_the_backward_pass():
+    x = jnp.array([0.0, 2.0])
+    grad = jax.grad(lambda x: jnp.sum(safe_log(x)))
+    assert np.isnan(grad(x)[0]) and np.isfinite(safe_log(x)).all()
+    report = find_nan_origin(grad, x)
+    assert report.cause == "unprotected_where"
+    assert report.first.primitive == "log" and report.first.phase == "forward"
+    assert report.first.location.line == _line_of(safe_log, "WHERE")
+    backward = [e for e in report.events if e.phase == "backward" and "NaN" in e.produced]
+    assert backward and backward[0].location.line == _line_of(safe_log, "WHERE")
+    assert "double-where" in report.explanation
+    fixed = jax.grad(lambda x: jnp.sum(double_where_log(x)))
+    np.testing.assert_allclose(fixed(x), [0.0, 0.5])
+    assert not find_nan_origin(fixed, x).found
+
+
+def outer(x):
+    return middle(x) * 2.0  # OUTER
+
+
+def middle(x):
+    return jnp.log(x - 1.0)  # INNER
+
+
+def test_call_chain_and_jit_and_plain_functions():
+    report = find_nan_origin(jax.jit(outer), jnp.array([1.0, 3.0]))
+    assert report.cause == "log_of_zero" and report.first.phase == "forward"
+    assert report.first.location.line == _line_of(middle, "INNER")
+    chain = [(frame.function, frame.line) for frame in report.first.call_chain]
+    assert ("outer", _line_of(outer, "OUTER")) in chain
+    assert chain[-1] == ("middle", _line_of(middle, "INNER"))
+    assert report.first.scopes and report.first.scopes[0].startswith("jit")
+
+
+def test_nan_inside_scan_and_cond_names_the_step():
+    def body(carry, t):
+        return carry * t, jnp.log(carry)
+
+    def scanned(x):
+        return jax.lax.scan(body, x, jnp.array([1.0, 0.0, 2.0]))[1].sum()
+
+    report = find_nan_origin(scanned, 1.0)
+    assert report.first.primitive == "log"
+    assert report.first.scopes[-1] == "scan step 2"
+
+    def branchy(x):
+        return jax.lax.cond(x > 0, lambda x: x, lambda x: jnp.sqrt(x), x)
+
+    report = find_nan_origin(branchy, -1.0)
+    assert report.first.primitive == "sqrt" and report.first.produced == "NaN"
+    assert report.first.scopes[-1] == "cond branch 0"
+    assert report.cause == "invalid_operation"
+
+
+def test_overflow_and_clean_functions():
+    report = find_nan_origin(lambda x: jnp.exp(x), jnp.float32(100.0))
+    assert report.cause == "overflow" and report.first.produced == "+Inf"
+    clean = find_nan_origin(lambda x: jnp.sum(x**2), jnp.ones(3))
+    assert not clean.found and "no equation" in str(clean)
+    assert clean.outputs[0].min == 3.0
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="f must be callable, got int"):
+        find_nan_origin(3, 1.0)
