@@ -115,6 +115,38 @@ class Expression:
     def __repr__(self) -> str:
         return f"Expression({self})"
 
+    def evaluate(self, *args: Any) -> Any:
+        """Evaluates the formula at ``args`` (laid out like the example arguments), in float64.
+
+        Useful to check a formula against the function it came from. Returns NumPy float64 arrays
+        in the output structure.
+        """
+        leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(args)]
+        values = np.concatenate(leaves) if leaves else np.zeros(0)
+        if values.size != len(self.variables):
+            raise ValueError(
+                f"Expression.evaluate: the formula has {len(self.variables)} input element(s) "
+                f"({', '.join(self.variables)}), got {values.size}"
+            )
+        point = {
+            symbol: sympy.Float(float(value), 30)
+            for symbol, value in zip(self.variables.values(), values, strict=True)
+        }
+
+        def number(element: sympy.Basic) -> float:
+            value = sympy.sympify(element).subs(point)
+            if isinstance(value, sympy.logic.boolalg.BooleanAtom):
+                return float(bool(value))
+            return float(sympy.N(value, 30))
+
+        def leaf(value: Any) -> np.ndarray:
+            if isinstance(value, sympy.NDimArray):
+                flat = [number(e) for e in sympy.flatten(value.tolist())]
+                return np.asarray(flat, dtype=np.float64).reshape(value.shape)
+            return np.asarray(number(value), dtype=np.float64)
+
+        return jax.tree_util.tree_map(leaf, self.sympy, is_leaf=_is_formula)
+
     def latex(self) -> str:
         """Returns the formula as LaTeX (array elements ``x[0]`` become ``x_{0}``)."""
         names = {symbol: _latex_name(name) for name, symbol in self.variables.items()}
@@ -122,6 +154,10 @@ class Expression:
 
     def _repr_latex_(self) -> str:
         return f"$\\displaystyle {self.latex()}$"
+
+
+def _is_formula(value: Any) -> bool:
+    return isinstance(value, sympy.Basic | sympy.NDimArray)
 
 
 def _latex_name(name: str) -> str:
@@ -463,12 +499,11 @@ class _Interpreter:
         self.context: list[str] = []
 
     def where(self, eqn) -> str:
+        """`` (at file:line (function), inside jit 'relu' at file:line (g))`` for messages."""
         parts = []
-        if _summarize_source is not None:
-            try:
-                parts.append(f"at {_summarize_source(eqn.source_info)}")
-            except Exception:  # source info is a courtesy, never a reason to fail
-                pass
+        source = _source(eqn)
+        if source:
+            parts.append(f"at {source}")
         if self.context:
             parts.append("inside " + " > ".join(self.context))
         return (" (" + ", ".join(parts) + ")") if parts else ""
@@ -500,7 +535,8 @@ class _Interpreter:
 
     def call(self, eqn, label: str, closed, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         jaxpr, consts = _open(closed)
-        self.context.append(label)
+        source = _source(eqn)
+        self.context.append(f"{label} at {source}" if source else label)
         try:
             return self.run(jaxpr, consts, args)
         finally:
@@ -655,6 +691,16 @@ class _Interpreter:
             else:
                 stacked.append(np.empty(var.aval.shape, dtype=object))
         return [*carry, *stacked]
+
+
+def _source(eqn) -> str:
+    """The user's ``file:line (function)`` that emitted ``eqn``, or "" when unknown."""
+    if _summarize_source is None:
+        return ""
+    try:
+        return _summarize_source(eqn.source_info) or ""
+    except Exception:  # source info is a courtesy, never a reason to fail
+        return ""
 
 
 def _branch_conditions(selector: sympy.Basic, count: int) -> list[sympy.Basic]:
