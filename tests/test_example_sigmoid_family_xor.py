@@ -1,0 +1,49 @@
+"""Runs examples/sigmoid_family_xor.py (seed 000) as a user would and checks its answer."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sigmoid_family_xor.py"
+
+
+def test_xor_example_gives_the_right_verdict(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]
+    assert len(verdicts) == 3, output
+    assert not any("WRONG" in line for line in verdicts)
+
+    counts = {
+        name: int(match.group(1))
+        for name, pattern in {
+            "sigmoid": r"sigmoid learns XOR from (\d+)/64",
+            "ultra_fast": r"ultra_fast_sigmoid now has a gradient \(0\.375 at x = 0\) and learns "
+            r"from (\d+)/64",
+            "hard": r"hard_sigmoid \(slope 0\.2\) learns from (\d+)/64",
+            "surrogate": r"1\.5 x sigmoid's derivative learns from (\d+)/64",
+        }.items()
+        if (match := re.search(pattern, completed.stdout))
+    }
+    assert set(counts) == {"sigmoid", "ultra_fast", "hard", "surrogate"}, output
+    assert counts["sigmoid"] >= 48 and counts["ultra_fast"] >= 48
+    assert counts["hard"] <= 6
+    assert counts["surrogate"] >= 48
+    # The cost trajectory is printed every 500 epochs, and the answer's demo is shown.
+    assert completed.stdout.count("epoch 3500") == 6
+    assert "dy/dw = -0.2" in completed.stdout and "dy/dw = +0.2" in completed.stdout
+
+    image = matplotlib.image.imread(tmp_path / "xor_cost.png")
+    assert image.ndim == 3 and image.shape[0] >= 200 and image.shape[1] >= 300
+    assert image.std() > 0.01  # not a blank canvas
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["xor_cost.png"]
