@@ -223,7 +223,7 @@ def global_norm(tree: PyTree) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> print(f'{float(global_norm({"a": jnp.full(4, 1e-30)})):.3g}')  # optax.global_norm: 0
+      >>> print(f'{float(global_norm({"a": jnp.full(4, 1e-30)})):.3g}')  # optax.tree.norm: 0
       2e-30
     """
     leaves = [jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
@@ -1013,20 +1013,23 @@ class _Run:
         bar = _progress_bar(options["progress"], self.total, start)
         pending: _Pending | None = None
         self.stopped = False
+        number = start  # counted on the host: reading state.step would wait for the device
         try:
             for args, batch in self._step_inputs():
                 before = self.state
                 after, metrics = self.step_fn(before, *args)
-                if pending is not None:
-                    self._consume(pending, bar)
-                    if self.stopped:
-                        pending = None
-                        break
-                pending = _Pending(int(before.step) + 1, before, after, metrics, batch)
+                number += 1
+                launched = _Pending(number, before, after, metrics, batch)
                 self.state = after
+                if pending is not None:
+                    finished, pending = pending, None
+                    self._consume(finished, bar)
+                    if self.stopped:
+                        break
+                pending = launched
             if pending is not None:
-                self._consume(pending, bar)
-                pending = None
+                finished, pending = pending, None
+                self._consume(finished, bar)
         except KeyboardInterrupt:
             if pending is not None:
                 try:
@@ -1071,8 +1074,8 @@ class _Run:
                 history=self.history,
                 checkpoint=self.last_checkpoint,
             )
-        self.good = pending.after
         self.history.record(step, values)
+        self.good = pending.after
         writer = options["writer"]
         if writer is not None and step % options["log_every"] == 0:
             for name, value in values.items():
