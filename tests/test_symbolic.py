@@ -1,0 +1,325 @@
+"""Tests for gradkit.derivatives.expression and its jaxpr-to-sympy interpreter."""
+
+import functools
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sympy
+from jax import enable_x64
+
+from gradkit import _symbolic
+from gradkit.derivatives import expression
+
+
+def polynomial(x):
+    return x**2 + x**3 + x**4
+
+
+def logistic_by_hand(x):
+    return 1 / (1 + jnp.exp(-x))
+
+
+# --------------------------------------------------------------------------------------------
+# Seed 003: reading the derivative
+
+
+def test_gradient_of_polynomial_reads_like_the_textbook():
+    assert str(expression(jax.grad(polynomial), 1.0)) == "4*x**3 + 3*x**2 + 2*x"
+    assert str(expression(polynomial, 1.0)) == "x**4 + x**3 + x**2"
+
+
+def test_gradient_of_logistic_is_sigmoid_times_one_minus_sigmoid():
+    x = sympy.Symbol("x", real=True)
+    s = _symbolic.sigmoid(x)
+    for f in (jax.nn.sigmoid, logistic_by_hand):
+        formula = expression(jax.grad(f), 1.0)
+        assert str(formula) == "(1 - sigmoid(x))*sigmoid(x)"
+        assert sympy.simplify((formula.sympy - s * (1 - s)).rewrite(sympy.exp)) == 0
+        # Theano printed sigmoid(-x)*sigmoid(x): the same function.
+        theano = _symbolic.sigmoid(-x) * s
+        assert sympy.simplify((formula.sympy - theano).rewrite(sympy.exp)) == 0
+        for point in (-3.0, -0.5, 0.0, 1.7):
+            np.testing.assert_allclose(formula.evaluate(point), jax.grad(f)(point), rtol=1e-6)
+
+
+def test_sigmoid_function_derivative_and_values():
+    x = sympy.Symbol("x", real=True)
+    s = _symbolic.sigmoid(x)
+    assert sympy.diff(s, x) == s * (1 - s)
+    assert _symbolic.sigmoid(0) == sympy.Rational(1, 2)
+    assert s.rewrite(sympy.exp) == 1 / (1 + sympy.exp(-x))
+    assert float(_symbolic.sigmoid(sympy.Float(0.3)).evalf()) == pytest.approx(
+        1 / (1 + np.exp(-0.3)), rel=1e-15
+    )
+    assert float(s.subs(x, 2.0).evalf()) == pytest.approx(1 / (1 + np.exp(-2.0)), rel=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# Every rule against jax's own numbers
+
+
+@jax.custom_vjp
+def _sin_with_custom_vjp(x):
+    return jnp.sin(x)
+
+
+_sin_with_custom_vjp.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+def _scan_polynomial(x):
+    def step(carry, t):
+        return carry * x + t, carry
+
+    return jax.lax.scan(step, x, jnp.arange(1.0, 4.0))
+
+
+def _cond(x):
+    return jax.lax.cond(x > 0.5, jnp.sin, jnp.cos, x)
+
+
+CASES = {
+    "grad polynomial": (jax.grad(polynomial), (1.3,)),
+    "trigonometric": (lambda x: jnp.sin(x) * jnp.cos(x) + jnp.tan(x / 3), (0.7,)),
+    "inverse and hyperbolic": (
+        lambda x: jnp.tanh(x) + jnp.arcsinh(x) + jnp.arctan(x) + jnp.sinh(x) * jnp.cosh(x),
+        (0.4,),
+    ),
+    "arcsin arccos arctanh": (
+        lambda x: jnp.arcsin(x) * jnp.arccos(x) + jnp.arctanh(x) + jnp.arccosh(x + 2),
+        (0.3,),
+    ),
+    "exp and log": (
+        lambda x: jnp.log1p(x) + jnp.expm1(x) + jnp.exp2(x) + jnp.log(x) * jnp.exp(-x),
+        (1.6,),
+    ),
+    "roots": (lambda x: jnp.sqrt(x) + jax.lax.rsqrt(x) + jnp.cbrt(x - 2) + jnp.square(x), (1.5,)),
+    "grad roots": (jax.grad(lambda x: jnp.sqrt(x) * jnp.log(x) + jax.lax.rsqrt(x)), (2.5,)),
+    "logistic": (jax.nn.sigmoid, (0.8,)),
+    "softplus": (jax.nn.softplus, (-0.6,)),
+    "grad softplus": (jax.grad(jax.nn.softplus), (0.9,)),
+    "gelu": (jax.nn.gelu, (0.9,)),
+    "grad gelu": (jax.grad(jax.nn.gelu), (-0.4,)),
+    "grad relu positive": (jax.grad(jax.nn.relu), (0.9,)),
+    "grad relu negative": (jax.grad(jax.nn.relu), (-0.9,)),
+    "leaky where": (lambda x: jnp.where(x > 0, x, 0.1 * x), (-2.0,)),
+    "abs sign max min": (
+        lambda x, y: jnp.maximum(x, y) * jnp.minimum(x, 2 * y) + jnp.abs(x) * jnp.sign(y),
+        (-0.3, 0.8),
+    ),
+    "clip inside": (lambda x: jnp.clip(x, -1.0, 1.0) * x, (0.5,)),
+    "clip outside": (lambda x: jnp.clip(x, -1.0, 1.0) * x, (3.0,)),
+    "pow": (lambda x, y: x**y, (1.7, 2.3)),
+    "grad pow": (jax.grad(lambda x, y: x**y, argnums=(0, 1)), (1.7, 2.3)),
+    "arctan2 and division": (lambda x, y: jnp.arctan2(x, y) + x / y, (0.4, -1.1)),
+    "erf": (lambda x: jax.scipy.special.erf(x) + jax.scipy.special.erfc(x / 2), (0.3,)),
+    "matrix product": (
+        lambda x, W: jnp.tanh(x @ W),
+        (jnp.array([0.3, -0.2]), jnp.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5]])),
+    ),
+    "grad matrix": (
+        jax.grad(lambda x, W: jnp.sum(jnp.tanh(x @ W) ** 2), argnums=1),
+        (jnp.array([0.3, -0.2]), jnp.array([[0.5, -1.0], [1.5, 0.25]])),
+    ),
+    "batched matmul": (
+        lambda a, b: jnp.einsum("bij,bjk->bik", a, b),
+        (jnp.arange(8.0).reshape(2, 2, 2) / 7, jnp.arange(8.0).reshape(2, 2, 2)[::-1] / 5),
+    ),
+    "reductions": (
+        lambda x: jnp.mean(x**2) + jnp.max(x) * jnp.min(x) + jnp.prod(x),
+        (jnp.array([0.5, -1.5, 2.0]),),
+    ),
+    "reshape transpose": (
+        lambda x: (x.reshape(2, 2).T @ x.reshape(2, 2)).sum(axis=0),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "slices concat rev pad": (
+        lambda x: jnp.concatenate([x[1:], x[:1] * 2, x[::-1], jnp.pad(x[::2], (1, 2))]),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "cumsum and cumprod": (
+        lambda x: jnp.cumsum(x) + jnp.cumprod(x[::-1]),
+        (jnp.array([1.0, -2.0, 0.5]),),
+    ),
+    "static dynamic slice": (
+        lambda x: jax.lax.dynamic_slice(x, (1,), (2,)) * 2,
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "dynamic update slice": (
+        lambda x: jax.lax.dynamic_update_slice(x, x[:2] ** 2, (2,)),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "split and expand": (
+        lambda x: jnp.split(x, 2)[1] * jnp.expand_dims(x[:2], 0),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "cond true": (_cond, (0.9,)),
+    "cond false": (_cond, (0.1,)),
+    "grad cond": (jax.grad(_cond), (0.9,)),
+    "scan": (_scan_polynomial, (0.7,)),
+    "grad scan": (jax.grad(lambda x: _scan_polynomial(x)[0]), (0.7,)),
+    "custom vjp": (jax.grad(lambda x: _sin_with_custom_vjp(x) ** 2), (0.6,)),
+    "stop gradient": (lambda x: jax.lax.stop_gradient(x) * x**2, (1.2,)),
+    "conversions": (
+        lambda x: (x > 0).astype(jnp.float32) * x + x.astype(jnp.int32) + jnp.logical_not(x < 0),
+        (-2.7,),
+    ),
+    "logical": (
+        lambda x, y: jnp.where((x > 0) & (y > 0) | (x > 2), x * y, x + y),
+        (1.5, -0.5),
+    ),
+    "jit inside": (jax.jit(lambda x: jnp.sin(x) ** 2), (0.3,)),
+    "pytree argument": (
+        lambda p: p["w"] * jnp.sum(p["b"] ** 2),
+        ({"w": 1.5, "b": jnp.array([0.5, -1.0])},),
+    ),
+    "pytree output": (lambda x: {"s": jnp.sin(x), "pair": (x, x**2)}, (0.4,)),
+    "iota": (lambda x: x * jnp.arange(3.0), (0.5,)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_formula_evaluates_to_the_functions_value(name):
+    f, args = CASES[name]
+    formula = expression(f, *args)
+    with enable_x64():
+        args64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=jnp.float64), args)
+        reference = f(*args64)
+    got = formula.evaluate(*args)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(reference)
+    for value, expected in zip(
+        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference), strict=True
+    ):
+        np.testing.assert_allclose(value, np.asarray(expected, dtype=np.float64), rtol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# How formulas read
+
+
+def test_exact_strings():
+    assert str(expression(jax.grad(jax.nn.relu), 1.0)) == "Piecewise((1, x > 0), (0, True))"
+    assert str(expression(jax.nn.relu, 1.0)) == "Max(0, x)"
+    assert (
+        str(expression(lambda x, W: x @ W, jnp.ones(2), jnp.ones((2, 2))))
+        == "[W[0, 0]*x[0] + W[1, 0]*x[1], W[0, 1]*x[0] + W[1, 1]*x[1]]"
+    )
+    assert str(expression(jax.grad(lambda x, y: x**2 + y**2, (0, 1)), 1.0, 1.0)) == "(2*x, 2*y)"
+    assert str(expression(lambda x: jnp.where(x > 0, x, 0.1 * x), 1.0)) == (
+        "Piecewise((x, x > 0), (x/10, True))"
+    )
+    assert str(expression(jax.hessian(lambda x: jnp.sum(x**3)), jnp.ones(2))) == (
+        "[[6*x[0], 0], [0, 6*x[1]]]"
+    )
+    assert str(expression(lambda x: jax.lax.cond(x > 0, jnp.sin, jnp.cos, x), 1.0)) == (
+        "Piecewise((cos(x), x <= 0), (sin(x), True))"
+    )
+
+
+def test_simplify_false_keeps_the_traced_form():
+    def f(x):
+        return x * (x + 1)
+
+    assert str(expression(f, 1.0, simplify=False)) == "x*(x + 1)"
+    assert str(expression(f, 1.0)) == "x**2 + x"
+
+
+def test_constants_are_written_as_a_person_would():
+    assert str(expression(lambda x: 0.5 * x, 1.0)) == "x/2"
+    assert str(expression(lambda x: x / 3.0, 1.0)) == "x/3"
+    assert str(expression(lambda x: 0.044715 * x, 1.0)) == "0.044715*x"
+    assert str(expression(lambda x: x + 2.0, 1.0)) == "x + 2"
+    assert str(expression(lambda x: x * jnp.inf, 1.0)) == "oo*x"
+    with enable_x64():
+        assert str(expression(lambda x: x * np.pi, jnp.float64(1.0))) == "3.141592653589793*x"
+
+
+def test_variable_names():
+    def f(weight, bias):
+        return weight * bias
+
+    assert str(expression(f, 1.0, 2.0)) == "bias*weight"
+    assert set(expression(f, 1.0, 2.0).variables) == {"weight", "bias"}
+    assert str(expression(lambda *args: args[0] - args[1], 1.0, 2.0)) == "x0 - x1"
+    assert str(expression(f, 1.0, 2.0, names=["a", "b"])) == "a*b"
+    assert str(expression(functools.partial(f, 3.0), 2.0)) == "3*bias"
+    pytree = expression(lambda p: p["w"] * p["b"][1], {"w": 1.0, "b": jnp.ones(2)})
+    assert list(pytree.variables) == ["p['b'][0]", "p['b'][1]", "p['w']"]
+    assert str(pytree) == "p['b'][1]*p['w']"
+    with pytest.raises(ValueError, match="names must be 2 non-empty strings"):
+        expression(f, 1.0, 2.0, names=["a"])
+
+
+def test_symbols_are_real_and_integer_inputs_are_integers():
+    formula = expression(lambda x, n: x * n, 1.0, 2)
+    assert formula.variables["x"].is_real
+    assert formula.variables["n"].is_integer
+    # Real symbols let sympy simplify sqrt(x**2) to |x|.
+    assert str(expression(lambda x: jnp.sqrt(x**2), 1.0)) == "Abs(x)"
+
+
+def test_latex():
+    formula = expression(jax.grad(jax.nn.sigmoid), 1.0)
+    assert formula._repr_latex_().startswith("$")
+    assert r"\sigma\left(x\right)" in formula.latex()
+    matrix = expression(lambda x: 2 * x, jnp.ones(2))
+    assert "x_{0}" in matrix.latex()
+    assert "x_{1}" in matrix.latex()
+
+
+def test_evaluate_checks_the_number_of_inputs():
+    formula = expression(lambda x: 2 * x, jnp.ones(2))
+    with pytest.raises(ValueError, match=r"has 2 input element\(s\) \(x\[0\], x\[1\]\), got 3"):
+        formula.evaluate(jnp.ones(3))
+
+
+def test_repr():
+    assert repr(expression(jax.grad(polynomial), 1.0)) == "Expression(4*x**3 + 3*x**2 + 2*x)"
+
+
+# --------------------------------------------------------------------------------------------
+# What it cannot do, said clearly
+
+
+def test_unsupported_primitive_names_it_and_the_source_line():
+    def uses_sort(x):
+        return jnp.sort(x) * x
+
+    with pytest.raises(NotImplementedError, match="primitive 'sort'") as info:
+        expression(uses_sort, jnp.ones(3))
+    assert "test_symbolic.py" in str(info.value)
+    assert "uses_sort" in str(info.value)
+    assert isinstance(info.value, _symbolic.UnsupportedPrimitiveError)
+
+
+def test_unused_forward_values_need_no_rule():
+    # The gradient's jaxpr computes sort's forward value and drops it; only live equations run.
+    def f(x):
+        return jnp.sum(x**2) + jax.lax.stop_gradient(jnp.sort(x)[0])
+
+    assert str(expression(jax.grad(f), jnp.ones(2))) == "[2*x[0], 2*x[1]]"
+
+
+def test_long_scan_is_refused():
+    def f(x):
+        return jax.lax.scan(lambda c, _: (c * x, None), x, None, length=100)[0]
+
+    with pytest.raises(NotImplementedError, match="scan of length 100"):
+        expression(f, 1.0)
+
+
+def test_large_arrays_are_refused():
+    with pytest.raises(ValueError, match=r"argument x has shape \(2000,\)"):
+        expression(lambda x: jnp.sum(x), jnp.ones(2000))
+    with pytest.raises(ValueError, match="broadcast_in_dim makes an array of shape"):
+        expression(lambda x: jnp.sum(jnp.broadcast_to(x, (50, 50))), 1.0)
+
+
+def test_missing_sympy_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sympy", None)
+    monkeypatch.delitem(sys.modules, "gradkit._symbolic")
+    with pytest.raises(ImportError, match=re.escape('pip install "gradkit[symbolic]"')):
+        expression(polynomial, 1.0)
