@@ -1,0 +1,423 @@
+"""Tests for gradkit.training.fit: batching, resume, checkpoints, NaN stops, logging, plots."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.image
+
+from gradkit import _checkpoint
+from gradkit._tensorboard import read_scalars
+from gradkit.layers import MLP
+from gradkit.training import (
+    History,
+    NonFiniteLossError,
+    TrainState,
+    fit,
+    make_train_step,
+)
+
+N, D = 40, 3
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(N, D)).astype(np.float32)
+Y = (X @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3).astype(np.float32)
+MODEL = MLP([D, 8, 1], "tanh")
+PARAMS = MODEL.init(jax.random.key(0))
+
+
+def mlp_loss(params, batch):
+    x, y = batch
+    return jnp.mean((MODEL.apply(params, x)[..., 0] - y) ** 2)
+
+
+def linear_loss(params, batch):
+    x, y = batch
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+LINEAR = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+
+
+def _leaves_equal(a, b):
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def test_fit_shuffles_per_epoch_with_the_key_and_matches_a_manual_loop():
+    optimizer = optax.sgd(0.05)
+    batch_size, epochs, seed = 16, 3, 7
+    state, history = fit(
+        linear_loss,
+        LINEAR,
+        (X, Y),
+        optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        progress=False,
+    )
+    per_epoch = N // batch_size  # the last N % batch_size examples of each order are left out
+    assert len(history) == epochs * per_epoch == int(state.step)
+    np.testing.assert_array_equal(history.steps, np.arange(1, epochs * per_epoch + 1))
+
+    step = make_train_step(linear_loss, optimizer)
+    manual = TrainState.create(LINEAR, optimizer, seed=seed)
+    losses = []
+    for epoch in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(manual.key, epoch), N))
+        for i in range(per_epoch):
+            index = order[i * batch_size : (i + 1) * batch_size]
+            manual, metrics = step(manual, (X[index], Y[index]))
+            losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(history["loss"], losses, rtol=1e-6)
+    for ours, theirs in zip(
+        jax.tree_util.tree_leaves(state.params),
+        jax.tree_util.tree_leaves(manual.params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_converges_on_a_regression_and_takes_dict_data():
+    state, history = fit(
+        lambda p, b: linear_loss(p, (b["x"], b["y"])),
+        LINEAR,
+        {"x": X, "y": Y},
+        optax.adam(0.1),
+        steps=300,
+        batch_size=20,
+        progress=False,
+    )
+    np.testing.assert_allclose(state.params["w"], [1.0, -2.0, 0.5], atol=1e-2)
+    np.testing.assert_allclose(state.params["b"], 0.3, atol=1e-2)
+    assert history["loss"][-1] < 1e-4 < history["loss"][0]
+
+
+def test_fit_on_an_iterable_of_batches_uses_them_in_order():
+    batches = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, N, 10)]
+    optimizer = optax.sgd(0.1)
+    state, history = fit(linear_loss, LINEAR, batches, optimizer, epochs=2, progress=False)
+    step = make_train_step(linear_loss, optimizer)
+    manual = TrainState.create(LINEAR, optimizer)
+    for batch in batches * 2:
+        manual, _ = step(manual, batch)
+    assert len(history) == 8
+    assert _leaves_equal(state.params, manual.params)
+
+    generator = (batch for batch in batches)  # one-shot: stops when exhausted
+    state, history = fit(linear_loss, LINEAR, generator, optimizer, steps=100, progress=False)
+    assert len(history) == 4
+
+
+def test_fit_full_batch_in_order_with_shuffle_off():
+    optimizer = optax.sgd(0.1)
+    state, _ = fit(linear_loss, LINEAR, (X, Y), optimizer, steps=5, shuffle=False, progress=False)
+    step = make_train_step(linear_loss, optimizer)
+    manual = TrainState.create(LINEAR, optimizer)
+    for _ in range(5):
+        manual, _ = step(manual, (X, Y))
+    assert _leaves_equal(state.params, manual.params)
+
+
+def test_fit_compiles_the_step_once():
+    traces = []
+
+    def loss(params, batch):
+        traces.append(1)
+        return linear_loss(params, batch)
+
+    fit(loss, LINEAR, (X, Y), optax.sgd(0.1), epochs=4, batch_size=8, progress=False)
+    assert len(traces) == 1
+
+
+def test_eval_fn_callbacks_and_early_stop():
+    seen = []
+
+    def callback(step, state, metrics):
+        seen.append((step, int(state.step), sorted(metrics)))
+        return step == 6  # stop after step 6
+
+    state, history = fit(
+        linear_loss,
+        LINEAR,
+        (X, Y),
+        optax.sgd(0.1),
+        steps=50,
+        batch_size=10,
+        eval_fn=lambda p: {"full": linear_loss(p, (X, Y)), "b": p["b"]},
+        eval_every=3,
+        callbacks=[callback],
+        progress=False,
+    )
+    assert int(state.step) == 6 and len(history) == 6
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(step == state_step for step, state_step, _ in seen)
+    assert seen[2][2] == ["eval_b", "eval_full", "grad_norm", "loss"]
+    np.testing.assert_array_equal(history.eval_steps, [3, 6])
+    np.testing.assert_allclose(
+        history.eval_metrics["full"][-1], linear_loss(state.params, (X, Y)), rtol=1e-6
+    )
+
+
+def test_progress_bar_shows_steps_loss_and_rate(capsys):
+    fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=5, batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "5/5" in err and "loss=" in err and "step/s" in err
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_fit_arguments_fail_before_any_step():
+    with pytest.raises(ValueError, match=r"batch_size 64 is larger than the data \(40 examples\)"):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=3, batch_size=64)
+    with pytest.raises(ValueError, match=r"pass exactly one of steps and epochs"):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=3, epochs=1)
+    with pytest.raises(ValueError, match=r"pass exactly one of steps and epochs"):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"share a non-empty leading"):
+        fit(linear_loss, LINEAR, (X, Y[:10]), optax.sgd(0.1), steps=3)
+    with pytest.raises(ValueError, match=r"batch_size applies to array data"):
+        fit(linear_loss, LINEAR, [(X, Y)], optax.sgd(0.1), steps=3, batch_size=4)
+    with pytest.raises(TypeError, match=r"must be an optax GradientTransformation"):
+        fit(linear_loss, LINEAR, (X, Y), "sgd", steps=3)
+    with pytest.raises(TypeError, match=r"callbacks must be callables"):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=3, callbacks=[1])
+    with pytest.raises(ValueError, match=r"steps must be a positive int, got 0"):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=0)
+
+
+def test_non_scalar_loss_in_fit_is_reported_before_any_update(tmp_path):
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar, got shape \(8,\)"):
+        fit(
+            lambda p, b: (b[0] @ p["w"] - b[1]) ** 2,
+            LINEAR,
+            (X, Y),
+            optax.sgd(0.1),
+            steps=3,
+            batch_size=8,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    assert _checkpoint.list_checkpoints(tmp_path) == []
+
+
+def test_data_params_dtype_mismatch_is_refused_before_training():
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match=r"batch\[0\] is float64 but the params are float32"):
+            fit(linear_loss, LINEAR, (X.astype(np.float64), Y), optax.sgd(0.1), steps=2)
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------
+
+
+def _run(tmp_path=None, steps=20, callbacks=(), **kwargs):
+    return fit(
+        mlp_loss,
+        PARAMS,
+        (X, Y),
+        optax.adam(1e-2),
+        steps=steps,
+        batch_size=16,  # 2 batches per epoch: resumes cross epoch boundaries
+        checkpoint_dir=tmp_path,
+        callbacks=callbacks,
+        progress=False,
+        seed=3,
+        **kwargs,
+    )
+
+
+def test_interrupted_and_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path):
+    uninterrupted, full_history = _run()
+
+    def interrupt(step, state, metrics):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, checkpoint_every=3, callbacks=[interrupt])
+    steps = [step for step, _ in _checkpoint.list_checkpoints(tmp_path)]
+    assert steps == [3, 6, 7]  # the interrupt wrote a final checkpoint at step 7
+
+    resumed, history = _run(tmp_path, checkpoint_every=3)
+    assert int(resumed.step) == 20
+    assert _leaves_equal(resumed.params, uninterrupted.params)
+    assert _leaves_equal(resumed.opt_state, uninterrupted.opt_state)
+    np.testing.assert_array_equal(history.steps, full_history.steps)
+    np.testing.assert_array_equal(history["loss"], full_history["loss"])
+
+
+def test_a_shorter_run_continued_later_is_identical_too(tmp_path):
+    uninterrupted, _ = _run(steps=11)
+    _run(tmp_path, steps=5)
+    resumed, history = _run(tmp_path, steps=11)
+    assert len(history) == 11
+    assert _leaves_equal(resumed.params, uninterrupted.params)
+    again, _ = _run(tmp_path, steps=11)  # nothing left to do: returns the checkpoint
+    assert _leaves_equal(again.params, uninterrupted.params)
+
+
+def test_checkpoints_are_npz_without_pickles_written_atomically(tmp_path):
+    state, _ = _run(tmp_path, steps=9, checkpoint_every=2, keep_checkpoints=2)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["ckpt_00000008.npz", "ckpt_00000009.npz"]  # no temporary files remain
+    with np.load(tmp_path / "ckpt_00000009.npz", allow_pickle=False) as archive:
+        kernel_index = next(
+            i
+            for i, leaf in enumerate(_checkpoint.read_metadata(archive.fid.name)["leaves"])
+            if leaf["path"] == ".params['dense_0']['kernel']"
+        )
+        np.testing.assert_array_equal(
+            archive[f"leaf_{kernel_index:05d}"], state.params["dense_0"]["kernel"]
+        )
+
+
+def test_checkpoint_round_trip_keeps_typed_keys_and_bfloat16(tmp_path):
+    tree = {
+        "key": jax.random.key(5),
+        "half": jnp.arange(4, dtype=jnp.bfloat16) / 3,
+        "int": jnp.arange(3, dtype=jnp.int32),
+    }
+    path = _checkpoint.save(tmp_path, 1, tree)
+    restored, _, metadata = _checkpoint.restore(path, tree)
+    assert metadata["step"] == 1
+    assert restored["half"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(restored["half"], np.float32), np.asarray(tree["half"], np.float32)
+    )
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"])
+    )
+    np.testing.assert_array_equal(restored["int"], tree["int"])
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_differences(tmp_path):
+    _run(tmp_path, steps=2)
+    other = MLP([D, 5, 1], "tanh").init(jax.random.key(0))
+    with pytest.raises(
+        ValueError,
+        match=r"different model or optimizer(.|\n)*"
+        r"\.params\['dense_0'\]\['kernel'\]: float32\(3, 8\) in the checkpoint, "
+        r"float32\(3, 5\) in this run",
+    ):
+        fit(
+            mlp_loss,
+            other,
+            (X, Y),
+            optax.adam(1e-2),
+            steps=4,
+            batch_size=16,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"different model or optimizer(.|\n)*opt_state"):
+        fit(
+            mlp_loss,
+            PARAMS,
+            (X, Y),
+            optax.sgd(1e-2),
+            steps=4,
+            batch_size=16,
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+
+
+def test_resume_false_refuses_a_folder_with_checkpoints(tmp_path):
+    _run(tmp_path, steps=2)
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*pass resume=True"):
+        _run(tmp_path, steps=4, resume=False)
+
+
+# ---- NaN stop ---------------------------------------------------------------------------------
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    def loss(params, batch):
+        x, y = batch
+        # log of a quantity that the large learning rate drives negative
+        return jnp.mean(jnp.log(1.0 + x @ params["w"]) - y)
+
+    with pytest.raises(
+        NonFiniteLossError, match=r"training stopped at step \d+: the loss is nan"
+    ) as info:
+        fit(
+            loss,
+            LINEAR,
+            (X, Y),
+            optax.sgd(5.0),
+            steps=50,
+            batch_size=8,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+            progress=False,
+        )
+    error = info.value
+    assert error.step > 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(error.state.params))
+    assert int(error.state.step) == error.step - 1
+    assert not np.isfinite(loss(error.state.params, error.batch))  # it reproduces the NaN
+    assert len(error.history) == error.step - 1
+    newest = _checkpoint.list_checkpoints(tmp_path)[-1][0]
+    assert newest == error.step - 1 and error.checkpoint.name == f"ckpt_{newest:08d}.npz"
+    restored, _, _ = _checkpoint.restore(error.checkpoint, error.state)
+    assert _leaves_equal(restored.params, error.state.params)
+
+
+# ---- TensorBoard and plots --------------------------------------------------------------------
+
+
+def test_tensorboard_scalars_can_be_read_back(tmp_path):
+    _, history = fit(
+        linear_loss,
+        LINEAR,
+        (X, Y),
+        optax.sgd(0.1),
+        steps=6,
+        batch_size=8,
+        eval_fn=lambda p: linear_loss(p, (X, Y)),
+        eval_every=2,
+        log_dir=tmp_path,
+        progress=False,
+    )
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in scalars["train/grad_norm"]], history["grad_norm"], rtol=1e-6
+    )
+    assert [step for step, _ in scalars["eval/eval"]] == [2, 4, 6]
+
+
+def test_history_plot_writes_a_real_image(tmp_path):
+    history = History()
+    for step in range(1, 11):
+        history.record(step, {"loss": 1.0 / step, "grad_norm": 10.0**-step})
+    history.record_eval(10, {"accuracy": 0.9})
+    path = tmp_path / "history.png"
+    figure = history.plot(path=path)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert len(figure.axes) == 3 and figure.axes[1].get_yscale() == "log"
+    assert np.ptp(image[..., :3]) > 0.5  # not a blank canvas
+    with pytest.raises(KeyError, match=r"no metric 'nope'"):
+        history.plot(["nope"])
+
+
+def test_history_pads_metrics_that_appear_late_and_round_trips():
+    history = History()
+    history.record(1, {"loss": 1.0})
+    history.record(2, {"loss": 0.5, "extra": 3.0})
+    np.testing.assert_array_equal(history["extra"], [math.nan, 3.0])
+    arrays, metadata = history.to_arrays()
+    again = History.from_arrays(arrays, metadata)
+    np.testing.assert_array_equal(again["loss"], history["loss"])
+    np.testing.assert_array_equal(again.steps, [1, 2])
