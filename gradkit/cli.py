@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradkit
+from gradkit import _check_command
 
 VERDICT_PREFIX = "Verdict:"
 
@@ -181,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="print each example's whole output"
     )
     demo.set_defaults(handler=_demo)
+    check = commands.add_parser(
+        "check",
+        help="check the derivatives of @gradcheck_target functions against finite differences",
+        description=(
+            "Checks autodiff against finite differences for each target and prints the reports; "
+            "exit status 0 only if every check passes (1 if one fails, 2 for a bad target)."
+        ),
+    )
+    _check_command.add_arguments(check)
+    check.set_defaults(handler=_check_command.main)
     return parser
 
 

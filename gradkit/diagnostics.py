@@ -6,6 +6,22 @@ one equation and source line by :func:`locate_gradient_error`; gradient flow is 
 that produced a NaN or an Inf.
 """
 
+# Gradient checks (implemented in gradkit._gradcheck, gradkit._locate, gradkit._check_command).
+from gradkit._check_command import gradcheck_target as gradcheck_target
+from gradkit._gradcheck import GradCheckCost as GradCheckCost
+from gradkit._gradcheck import GradCheckReport as GradCheckReport
+from gradkit._gradcheck import GradCheckRow as GradCheckRow
+from gradkit._gradcheck import GradientCheckError as GradientCheckError
+from gradkit._gradcheck import WorstElement as WorstElement
+from gradkit._gradcheck import assert_grads_correct as assert_grads_correct
+from gradkit._gradcheck import check_grads as check_grads
+from gradkit._locate import EquationFinding as EquationFinding
+from gradkit._locate import ExpectedDeviation as ExpectedDeviation
+from gradkit._locate import GradientLocation as GradientLocation
+from gradkit._locate import locate_gradient_error as locate_gradient_error
+
+# isort: split
+
 # Gradient-flow health and NaN origin (implemented in gradkit._health and gradkit._nan_origin).
 from gradkit._health import HISTOGRAM_EXPONENTS as HISTOGRAM_EXPONENTS  # noqa: E402, RUF100
 from gradkit._health import HealthMonitorState as HealthMonitorState  # noqa: E402, RUF100

@@ -1,0 +1,248 @@
+"""``gradkit check``: gradient checks in CI, and the ``@gradcheck_target`` decorator they run.
+
+A function opts in with :func:`gradcheck_target`, giving a factory of example arguments::
+
+    @gradkit.gradcheck_target(lambda: (init_params(), batch()))
+    def loss(params, batch): ...
+
+``gradkit check TARGET`` then imports the target, builds the arguments, runs
+:func:`gradkit.diagnostics.check_grads` (with ``locate=True``), prints each report and exits with
+status 0 only if every check passes. ``TARGET`` is ``package.module:function``,
+``path/to/file.py::function``, or a module or file, in which case every decorated function in it is
+checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TARGET_ATTRIBUTE = "__gradcheck__"
+
+
+@dataclasses.dataclass(frozen=True)
+class GradcheckTarget:
+    """What :func:`gradcheck_target` attaches to a function.
+
+    Attributes:
+      example_args_factory: returns the positional arguments (a tuple, or one non-tuple value).
+      options: keyword arguments for :func:`gradkit.diagnostics.check_grads`.
+    """
+
+    example_args_factory: Callable[[], Any]
+    options: dict[str, Any]
+
+    def example_args(self) -> tuple:
+        args = self.example_args_factory()
+        return args if isinstance(args, tuple) else (args,)
+
+
+def gradcheck_target(example_args_factory: Callable[[], Any], **options: Any) -> Callable:
+    """Marks a function for ``gradkit check`` (and the ``gradcheck`` pytest fixture).
+
+    The function is returned unchanged, with the factory attached as ``__gradcheck__``.
+
+    Args:
+      example_args_factory: a function of no arguments returning the point at which to check:
+        a tuple of positional arguments, or a single argument.
+      **options: keyword arguments passed on to :func:`gradkit.diagnostics.check_grads`
+        (``argnums``, ``order``, ``method``, ``modes``, ``rtol`` ...).
+
+    Returns:
+      A decorator.
+
+    Raises:
+      TypeError: the factory is not callable, or an option is not a ``check_grads`` keyword.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> @gradcheck_target(lambda: (jnp.linspace(-1.0, 1.0, 4),))
+      ... def energy(x):
+      ...     return jnp.sum(x**4)
+      >>> energy.__gradcheck__.example_args()[0].shape
+      (4,)
+    """
+    if not callable(example_args_factory):
+        raise TypeError(
+            "gradcheck_target: example_args_factory must be a function returning the example "
+            f"arguments, got {type(example_args_factory).__name__}; write "
+            "@gradcheck_target(lambda: (x,))"
+        )
+    from gradkit._gradcheck import check_grads
+
+    known = set(inspect.signature(check_grads).parameters) - {"f", "args"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"gradcheck_target: unknown check_grads option(s) {unknown}; known: {sorted(known)}"
+        )
+
+    def decorate(function: Callable) -> Callable:
+        setattr(function, TARGET_ATTRIBUTE, GradcheckTarget(example_args_factory, dict(options)))
+        return function
+
+    return decorate
+
+
+class TargetError(ValueError):
+    """A ``gradkit check`` target cannot be resolved."""
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise TargetError(f"no such file: {path}")
+    name = "_gradkit_check_" + "_".join(path.resolve().with_suffix("").parts[-3:]).replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        raise TargetError(f"cannot import module {name!r}: {error}") from error
+
+
+def _attribute(module: ModuleType, dotted: str, target: str) -> Callable:
+    obj: Any = module
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            raise TargetError(f"{target}: {module.__name__} has no attribute {dotted!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve(target: str) -> list[tuple[str, Callable]]:
+    """Returns the ``(name, function)`` pairs a target string names.
+
+    Args:
+      target: ``package.module:function``, ``path/to/file.py::function``, a module name or a
+        ``.py`` file (all its ``@gradcheck_target`` functions).
+
+    Returns:
+      The functions to check, each with a display name.
+
+    Raises:
+      TargetError: the module, file or function does not exist, a named function is not
+        decorated, or a module holds no decorated function.
+    """
+    if "::" in target:
+        file, _, name = target.partition("::")
+        functions = [(target, _attribute(_import_file(Path(file)), name, target))]
+    elif target.endswith(".py"):
+        module = _import_file(Path(target))
+        functions = _decorated(module, target)
+    elif ":" in target:
+        module_name, _, name = target.partition(":")
+        functions = [(target, _attribute(_import_module(module_name), name, target))]
+    else:
+        functions = _decorated(_import_module(target), target)
+    for name, function in functions:
+        if not hasattr(function, TARGET_ATTRIBUTE):
+            raise TargetError(
+                f"{name} is not decorated with @gradkit.gradcheck_target(example_args_factory), "
+                "so gradkit check does not know where to evaluate it"
+            )
+    return functions
+
+
+def _decorated(module: ModuleType, target: str) -> list[tuple[str, Callable]]:
+    found = [
+        (f"{target}:{name}" if not target.endswith(".py") else f"{target}::{name}", obj)
+        for name, obj in vars(module).items()
+        if callable(obj) and hasattr(obj, TARGET_ATTRIBUTE)
+    ]
+    if not found:
+        raise TargetError(f"{target} defines no function decorated with @gradcheck_target")
+    return found
+
+
+def run_target(function: Callable, **overrides: Any):
+    """Checks one decorated function; returns its :class:`GradCheckReport`."""
+    from gradkit._gradcheck import check_grads
+
+    spec: GradcheckTarget = getattr(function, TARGET_ATTRIBUTE)
+    options = {"locate": True, **spec.options, **overrides}
+    return check_grads(function, *spec.example_args(), **options)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``gradkit check`` arguments to ``parser``."""
+    parser.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="package.module:function, path/to/file.py::function, or a module/file whose "
+        "@gradcheck_target functions are all checked",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
+    parser.add_argument(
+        "--allow-inconclusive",
+        action="store_true",
+        help="exit 0 when checks are inconclusive (e.g. at a kink); by default only passes do",
+    )
+    parser.add_argument(
+        "--method", choices=("directional", "full"), help="override the check method"
+    )
+    parser.add_argument("--order", type=int, choices=(1, 2), help="override the derivative order")
+    parser.add_argument("--seed", type=int, help="override the seed of the random directions")
+    parser.add_argument(
+        "--no-locate", action="store_true", help="do not localise failures to an equation"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs ``gradkit check``; returns the exit status (0 all pass, 1 a check failed, 2 usage)."""
+    overrides: dict[str, Any] = {}
+    for key in ("method", "order", "seed"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    if args.no_locate:
+        overrides["locate"] = False
+    try:
+        functions = [pair for target in args.targets for pair in resolve(target)]
+    except TargetError as error:
+        print(f"gradkit check: {error}", file=sys.stderr)
+        return 2
+    results, failures = [], 0
+    for name, function in functions:
+        print(f"== {name}")
+        try:
+            report = run_target(function, **overrides)
+        except Exception as error:
+            failures += 1
+            message = f"{type(error).__name__}: {error}"
+            print(f"ERROR {message}")
+            traceback.print_exc(limit=3, file=sys.stderr)
+            results.append({"target": name, "error": message, "ok": False})
+            continue
+        print(report)
+        accepted = report.ok or (args.allow_inconclusive and report.verdict == "inconclusive")
+        failures += not accepted
+        results.append({"target": name, "ok": accepted, "report": report.to_dict()})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    passed = len(functions) - failures
+    print(f"\n{passed} of {len(functions)} gradient check(s) passed.")
+    return 0 if failures == 0 else 1
