@@ -514,10 +514,24 @@ class _Interpreter:
         def read(atom) -> np.ndarray:
             if isinstance(atom, Literal):
                 return _constant_array(np.asarray(atom.val, dtype=atom.aval.dtype))
+            if atom in constants:  # converted when first used
+                array = np.asarray(constants.pop(atom))
+                if array.size > MAX_ELEMENTS:
+                    inside = f" (inside {' > '.join(self.context)})" if self.context else ""
+                    raise ValueError(
+                        f"expression: the traced function uses a constant of shape {array.shape} "
+                        f"({array.size} elements){inside}; formulas are written for small arrays "
+                        f"of at most {MAX_ELEMENTS} elements"
+                    )
+                env[atom] = _constant_array(array)
             return env[atom]
 
+        constants: dict[Any, Any] = {}
         for var, value in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = value if _is_object(value) else _constant_array(value)
+            if _is_object(value):
+                env[var] = value
+            else:
+                constants[var] = value
         for var, value in zip(jaxpr.invars, args, strict=True):
             env[var] = value
         for eqn in _live_equations(jaxpr):
@@ -678,7 +692,7 @@ class _Interpreter:
         ys_per_step: list[list[np.ndarray]] = []
         for t in steps:
             out = self.call(
-                eqn, f"scan step {t}", params["jaxpr"], [*consts, *carry, *(x[t] for x in xs)]
+                eqn, f"scan step {t}", params["jaxpr"], [*consts, *carry, *(x[t, ...] for x in xs)]
             )
             carry, ys = out[:num_carry], out[num_carry:]
             ys_per_step.append(ys)

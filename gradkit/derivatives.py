@@ -40,7 +40,17 @@ import numpy as np
 if TYPE_CHECKING:
     from gradkit._symbolic import Expression
 
-__all__ = ["Lop", "Rop", "expression", "hessian", "hvp", "jacobian", "jvp", "vjp"]
+__all__ = [
+    "Expression",
+    "Lop",
+    "Rop",
+    "expression",
+    "hessian",
+    "hvp",
+    "jacobian",
+    "jvp",
+    "vjp",
+]
 
 PyTree = Any
 
@@ -587,3 +597,11 @@ def expression(
     """
     symbolic = importlib.import_module("gradkit._symbolic")
     return symbolic.trace_expression(f, example_args, simplify=simplify, names=names)
+
+
+def __getattr__(name: str) -> Any:
+    # ``Expression`` lives with the sympy interpreter, which is imported only when needed so that
+    # gradkit works without the ``symbolic`` extra.
+    if name == "Expression":
+        return importlib.import_module("gradkit._symbolic").Expression
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -323,3 +323,20 @@ def test_missing_sympy_says_which_extra_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "gradkit._symbolic")
     with pytest.raises(ImportError, match=re.escape('pip install "gradkit[symbolic]"')):
         expression(polynomial, 1.0)
+
+
+def test_closure_constants_are_read_and_large_ones_refused():
+    W = jnp.array([[1.0, 2.0], [3.0, 0.5]])
+    assert str(expression(lambda x: W @ x, jnp.ones(2))) == "[x[0] + 2*x[1], 3*x[0] + x[1]/2]"
+    big = jnp.linspace(0.0, 1.0, 5000)
+    with pytest.raises(ValueError, match=r"uses a constant of shape \(5000,\)"):
+        expression(lambda x: jnp.sum(x * big), 1.0)
+
+
+def test_expression_type_is_exported_lazily():
+    from gradkit import derivatives
+
+    assert derivatives.Expression is _symbolic.Expression
+    assert isinstance(expression(polynomial, 1.0), derivatives.Expression)
+    with pytest.raises(AttributeError, match="no attribute 'Expresion'"):
+        derivatives.Expresion  # noqa: B018
