@@ -9,7 +9,13 @@ turns the statistics into per-layer verdicts with tested fixes.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import html
 import math
+import os
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.typing import ArrayLike
+
+from gradkit import _probe
+from gradkit import activations as _activations
 
 PyTree = Any
 
@@ -541,3 +551,858 @@ def _host_combine(norms: list[float]) -> float:
     if not math.isfinite(scale) or scale == 0:
         return scale
     return scale * math.sqrt(sum((n / scale) ** 2 for n in norms))
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnose: one forward/backward pass with every layer boundary observed.
+
+#: A layer's gradient is *vanishing* when its norm is below this absolute value **and** below
+#: ``VANISHING_RATIO`` times the norm of the last layer's gradient. Both constants are
+#: AUTOTRAINER's (``utils/monitor.py::gradient_issue``: beta_2 = 1e-4, beta_1 = 1e-3), applied
+#: per layer instead of to the first layer only.
+VANISHING_ABSOLUTE = 1e-4
+#: See :data:`VANISHING_ABSOLUTE`.
+VANISHING_RATIO = 1e-3
+#: A layer's gradient is *exploding* when its norm exceeds this multiple of the last layer's
+#: (AUTOTRAINER beta_3 = 70) ...
+EXPLODING_RATIO = 70.0
+#: ... or this absolute value (DLCheck/TFCheck: ||g|| > 1e6).
+EXPLODING_ABSOLUTE = 1e6
+#: A layer is flagged for *dead units* when at least this share of its units have an exactly
+#: zero derivative for every example of the batch (for ReLU: never activate). 0.7 is the share
+#: AUTOTRAINER (gamma) and DeepDiagnosis use for their dying-ReLU rules; here it is applied per
+#: unit over the whole batch, the stricter keras-contrib DeadReluDetector criterion.
+DEAD_UNIT_SHARE = 0.7
+#: A bounded activation (sigmoid, tanh, hard_sigmoid, ...) is *saturated* when more than this
+#: fraction of its pre-activations lie in its saturation region, read from
+#: :meth:`gradkit.activations.Activation.saturation_mask` (DeepDiagnosis: > 50% of the layer).
+SATURATED_FRACTION = 0.5
+#: Bias used by the "small positive bias" counterfactual for ReLU-family layers (seed 004's
+#: accepted answer uses 0.1 so that most ReLUs start active).
+POSITIVE_BIAS = 0.1
+#: Global-norm threshold of the gradient-clipping counterfactual.
+CLIP_NORM = 1.0
+
+_SYMPTOM_ORDER = ("nan/inf", "no gradient", "vanishing", "exploding", "dead units", "saturated")
+
+
+def layer_boundary(name: str, x: ArrayLike, activation: Any = None) -> jax.Array:
+    """Marks a layer boundary of a plain function so :func:`diagnose` can observe it.
+
+    Call it on each layer's pre-activation (the input of its activation). Outside
+    :func:`diagnose` it returns ``x`` unchanged and adds nothing to the traced program; inside,
+    diagnose records ``x`` and the cotangent (the gradient of the loss with respect to ``x``)
+    flowing back through it.
+
+    Args:
+      name: the layer's name; if the parameters hold a sub-dict with this key (for example
+        ``params["dense_0"]``), its gradients are attributed to this layer.
+      x: the pre-activation, ``(..., features)``.
+      activation: the gradkit.activations name (or :class:`~gradkit.activations.Activation`) the
+        layer applies next, so dead and saturated units can be counted; ``None`` if none.
+
+    Returns:
+      ``x``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> def net(params, x):
+      ...     z = layer_boundary("dense_0", x @ params["dense_0"]["kernel"], "relu")
+      ...     return jnp.maximum(z, 0)
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"layer_boundary: name must be a non-empty str, got {name!r}")
+    return _probe.tap(name, jnp.asarray(x), kind="preactivation", activation=activation)
+
+
+@dataclasses.dataclass
+class LayerHealth:
+    """What :func:`diagnose` measured for one layer.
+
+    Attributes:
+      name: the layer's name (tap name or parameter sub-tree).
+      activation: the activation's name, if known.
+      param_paths: the parameter leaves attributed to this layer.
+      grad_norm: norm of the layer's parameter gradient (``None`` without parameters).
+      grad_max_abs: max |gradient entry|.
+      grad_zero_fraction: fraction of exactly-zero gradient entries.
+      grad_histogram: log2-magnitude histogram of the gradient (:data:`HISTOGRAM_EXPONENTS`).
+      cotangent_norm: norm of dL/d(pre-activation) (``None`` without a boundary mark).
+      preactivation_std: standard deviation of the pre-activations.
+      zero_grad_fraction: fraction of pre-activations where the activation's derivative is 0.
+      dead_fraction: share of units whose derivative is 0 for every example of the batch.
+      saturated_fraction: fraction of pre-activations in the saturation region (bounded
+        activations only).
+      nonfinite: number of NaN/Inf entries in gradients, pre-activations and cotangents.
+      symptoms: the verdicts, e.g. ``["vanishing"]``.
+    """
+
+    name: str
+    activation: str | None = None
+    param_paths: list[str] = dataclasses.field(default_factory=list)
+    grad_norm: float | None = None
+    grad_max_abs: float | None = None
+    grad_zero_fraction: float | None = None
+    grad_histogram: np.ndarray | None = None
+    cotangent_norm: float | None = None
+    preactivation_std: float | None = None
+    zero_grad_fraction: float | None = None
+    dead_fraction: float | None = None
+    saturated_fraction: float | None = None
+    nonfinite: int = 0
+    symptoms: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["grad_histogram"] = (
+            None if self.grad_histogram is None else np.asarray(self.grad_histogram).tolist()
+        )
+        return out
+
+
+@dataclasses.dataclass
+class Finding:
+    """One symptom: which layers show it, where it starts, and what it means."""
+
+    symptom: str
+    layers: list[str]
+    starts_at: str
+    message: str
+
+
+@dataclasses.dataclass
+class Recommendation:
+    """A candidate fix tried on the same batch, with the gradient norms it produced.
+
+    Attributes:
+      name: short name, e.g. ``"xavier + bias 0.1"``.
+      description: what was changed.
+      grad_norms: per-layer gradient norms with the fix.
+      change: per flagged layer, new norm / old norm.
+      remaining: the symptoms left with the fix, as ``"symptom: layers"`` strings.
+      resolved: the symptoms the fix cleared.
+    """
+
+    name: str
+    description: str
+    grad_norms: dict[str, float | None]
+    change: dict[str, float]
+    remaining: list[str]
+    resolved: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fmt(value: float | None, spec: str = ".2e") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+@dataclasses.dataclass
+class HealthReport:
+    """Per-layer gradient-flow verdicts from :func:`diagnose`, with tested fixes.
+
+    Attributes:
+      loss: the loss on the batch.
+      layers: one :class:`LayerHealth` per layer, in forward order.
+      findings: one :class:`Finding` per symptom found.
+      recommendations: candidate fixes, best first (fewest symptoms left, then largest gain).
+      reference_layer: the layer whose gradient norm the ratio thresholds compare with.
+      thresholds: the thresholds used.
+    """
+
+    loss: float
+    layers: list[LayerHealth]
+    findings: list[Finding]
+    recommendations: list[Recommendation]
+    reference_layer: str | None
+    thresholds: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        """True when no symptom was found."""
+        return not self.findings
+
+    def layer(self, name: str) -> LayerHealth:
+        """The :class:`LayerHealth` named ``name``."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers are {[la.name for la in self.layers]}")
+
+    def flagged(self, symptom: str) -> list[str]:
+        """The layers showing ``symptom`` (e.g. ``"vanishing"``), in forward order."""
+        return [layer.name for layer in self.layers if symptom in layer.symptoms]
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for la in self.layers:
+            rows.append(
+                [
+                    la.name,
+                    la.activation or "-",
+                    _fmt(la.grad_norm),
+                    _fmt(la.cotangent_norm),
+                    _fmt(la.zero_grad_fraction, ".0%"),
+                    _fmt(la.dead_fraction, ".0%"),
+                    _fmt(la.saturated_fraction, ".0%"),
+                    ", ".join(la.symptoms) or "ok",
+                ]
+            )
+        return rows
+
+    _HEADER = (
+        "layer",
+        "activation",
+        "grad norm",
+        "dL/dz norm",
+        "zero f'",
+        "dead",
+        "saturated",
+        "verdict",
+    )
+
+    def __str__(self) -> str:
+        rows = [list(self._HEADER), *self._rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
+        lines = [f"Gradient-flow health (loss {self.loss:.6g})"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+        if not self.findings:
+            lines.append("No problem found.")
+        for finding in self.findings:
+            lines.append(f"* {finding.message}")
+        if self.recommendations:
+            lines.append("")
+            lines.append("Fixes tried on the same batch (best first):")
+            for i, rec in enumerate(self.recommendations, 1):
+                changes = ", ".join(f"{k} x{v:.3g}" for k, v in rec.change.items())
+                left = "; ".join(rec.remaining) if rec.remaining else "no symptom left"
+                lines.append(f"  {i}. {rec.name}: {rec.description}")
+                lines.append(f"     gradient norm change: {changes or '-'}; {left}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of everything in the report."""
+        return {
+            "loss": self.loss,
+            "ok": self.ok,
+            "reference_layer": self.reference_layer,
+            "thresholds": dict(self.thresholds),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "recommendations": [r.to_dict() for r in self.recommendations],
+        }
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self._HEADER)
+        body = []
+        for la, row in zip(self.layers, self._rows(), strict=True):
+            style = ' style="background:#fdd"' if la.symptoms else ""
+            cells = "".join(f"<td>{html.escape(c)}</td>" for c in row)
+            body.append(f"<tr{style}>{cells}</tr>")
+        findings = "".join(f"<li>{html.escape(f.message)}</li>" for f in self.findings)
+        recs = "".join(
+            f"<li><b>{html.escape(r.name)}</b>: {html.escape(r.description)} &mdash; "
+            f"{html.escape('; '.join(r.remaining) or 'no symptom left')}</li>"
+            for r in self.recommendations
+        )
+        return (
+            f"<div><b>Gradient-flow health</b> (loss {self.loss:.6g})"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<ul>{findings or '<li>No problem found.</li>'}</ul>"
+            + (f"<b>Fixes tried on the same batch</b><ol>{recs}</ol>" if recs else "")
+            + "</div>"
+        )
+
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Draws per-layer gradient norms (log scale, problem layers marked) and histograms.
+
+        Args:
+          path: if given, the figure is also saved there (PNG, SVG, ... by extension).
+
+        Returns:
+          The matplotlib ``Figure`` (needs the ``plot`` extra).
+        """
+        from gradkit._health_plot import plot_report
+
+        return plot_report(self, path)
+
+
+class _Recorder:
+    """Collector for the discovery trace: remembers names, kinds and activations in order."""
+
+    def __init__(self) -> None:
+        self.taps: list[tuple[str, str, Any]] = []
+        self._counts: dict[str, int] = {}
+
+    def key(self, name: str) -> str:
+        count = self._counts.get(name, 0)
+        self._counts[name] = count + 1
+        return name if count == 0 else f"{name}#{count}"
+
+    def tap(self, name: str, value: jax.Array, *, kind: str, activation: Any) -> jax.Array:
+        self.taps.append((self.key(name), kind, activation))
+        return value
+
+
+class _Perturber(_Recorder):
+    """Collector that records values and adds a zero perturbation we differentiate against."""
+
+    def __init__(self, perturbations: dict[str, jax.Array]) -> None:
+        super().__init__()
+        self.perturbations = perturbations
+        self.values: dict[str, jax.Array] = {}
+
+    def tap(self, name: str, value: jax.Array, *, kind: str, activation: Any) -> jax.Array:
+        key = self.key(name)
+        self.taps.append((key, kind, activation))
+        self.values[key] = value
+        return value + self.perturbations[key].astype(value.dtype)
+
+
+def _activation_entry(activation: Any) -> Any:
+    if activation is None:
+        return None
+    try:
+        return _activations.get(activation)
+    except (TypeError, ValueError):
+        return None
+
+
+def _flax_interception(flax_modules: tuple[type, ...] | None) -> Any:
+    """Taps the outputs of Flax linen layers (Dense, Conv, ...) when Flax is importable."""
+    try:
+        import flax.linen as nn
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return contextlib.nullcontext()
+    types = flax_modules or (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Embed)
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, types):
+            return out
+        if not isinstance(out, jax.Array) or not jnp.issubdtype(out.dtype, jnp.inexact):
+            return out
+        name = "/".join(str(p) for p in module.path) or str(module.name)
+        return _probe.tap(name, out, kind="preactivation", activation=None)
+
+    return nn.intercept_methods(interceptor)
+
+
+def _natural_key(text: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _param_groups(params: PyTree) -> dict[str, list[str]]:
+    """Groups parameter leaf paths by their parent path, in natural order."""
+    groups: dict[str, list[str]] = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_name(path)
+        groups.setdefault(layer_of(name), []).append(name)
+    return dict(sorted(groups.items(), key=lambda item: _natural_key(item[0])))
+
+
+def _match_group(tap_name: str, groups: dict[str, list[str]]) -> str | None:
+    base = tap_name.split("#")[0]
+    for group in groups:
+        parts = group.split("/")
+        if group == base or parts[-1] == base.split("/")[-1]:
+            return group
+    return None
+
+
+class _Analysis(NamedTuple):
+    loss: float
+    layers: list[LayerHealth]
+
+
+def diagnose(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *batch: Any,
+    activations: Mapping[str, Any] | None = None,
+    has_aux: bool = False,
+    key: jax.Array | None = None,
+    try_fixes: bool = True,
+    flax_modules: tuple[type, ...] | None = None,
+) -> HealthReport:
+    r"""Runs one forward/backward pass and gives a per-layer verdict on the gradient flow.
+
+    Layers are found without rewriting the model: gradkit.layers' Dense/MLP and plain functions
+    that call :func:`layer_boundary` mark their pre-activations; Flax linen ``Dense``/``Conv``/...
+    outputs are intercepted; without any mark, each parameter sub-tree is a layer. For each layer
+    it measures the parameter-gradient norm (underflow-safe), the norm of the cotangent
+    :math:`\partial L/\partial z` at the boundary, and, when the activation is known, the share
+    of pre-activations where the activation's derivative is exactly zero, dead units and
+    saturation (from :mod:`gradkit.activations`). Verdicts use the documented thresholds
+    (:data:`VANISHING_ABSOLUTE`, :data:`VANISHING_RATIO`, :data:`EXPLODING_RATIO`,
+    :data:`EXPLODING_ABSOLUTE`, :data:`DEAD_UNIT_SHARE`, :data:`SATURATED_FRACTION`).
+
+    For the symptoms found it then *tries* candidate fixes on the same batch (He or Xavier
+    re-initialisation of the flagged layers and of the layers the gradient flows back through,
+    Xavier plus a small positive bias for ReLU layers, gradient clipping) and ranks them by the
+    symptoms they leave and the change in gradient norms.
+
+    Args:
+      loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+        Pass the function itself, not a ``jax.jit`` of it (a compiled function would not show
+        its layer boundaries).
+      params: the parameter pytree.
+      *batch: the batch arguments of ``loss_fn``.
+      activations: optional ``{layer name: activation}`` for layers whose boundary does not say
+        (Flax layers, parameter sub-trees).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      key: PRNG key for the re-initialisation candidates (default ``jax.random.key(0)``).
+      try_fixes: set False to skip the counterfactual fixes.
+      flax_modules: the Flax linen module types whose outputs are layer boundaries.
+
+    Returns:
+      A :class:`HealthReport`.
+
+    Raises:
+      ValueError: if ``params`` is empty or the loss is not a scalar.
+      TypeError: if a parameter leaf is not floating point.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradkit.layers import MLP, normal
+      >>> mlp = MLP([4, 16, 16, 16, 1], "relu", w_init=normal(1e-3))
+      >>> p = mlp.init(jax.random.key(0))
+      >>> loss = lambda p, x: jnp.mean(mlp.apply(p, x) ** 2)
+      >>> report = diagnose(loss, p, jnp.ones((8, 4)))
+      >>> report.flagged("vanishing")
+      ['dense_0', 'dense_1']
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_floating("params", params)
+    overrides = dict(activations or {})
+    runner = _Runner(loss_fn, batch, has_aux, flax_modules, overrides)
+    runner.discover(params)
+    base = runner.analyse(params)
+    reference = _reference_layer(base.layers)
+    findings = _judge(base.layers, reference)
+    recommendations = []
+    if try_fixes and findings:
+        key = jax.random.key(0) if key is None else key
+        recommendations = _try_fixes(runner, params, base, findings, reference, key)
+    return HealthReport(
+        loss=base.loss,
+        layers=base.layers,
+        findings=findings,
+        recommendations=recommendations,
+        reference_layer=reference,
+        thresholds={
+            "VANISHING_ABSOLUTE": VANISHING_ABSOLUTE,
+            "VANISHING_RATIO": VANISHING_RATIO,
+            "EXPLODING_RATIO": EXPLODING_RATIO,
+            "EXPLODING_ABSOLUTE": EXPLODING_ABSOLUTE,
+            "DEAD_UNIT_SHARE": DEAD_UNIT_SHARE,
+            "SATURATED_FRACTION": SATURATED_FRACTION,
+        },
+    )
+
+
+class _Runner:
+    """Traces the loss once to find the boundaries, then evaluates any params of that shape."""
+
+    def __init__(self, loss_fn, batch, has_aux, flax_modules, overrides):
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.has_aux = has_aux
+        self.flax_modules = flax_modules
+        self.overrides = overrides
+        self.taps: list[tuple[str, str, Any]] = []
+        self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
+        self._compiled = None
+
+    def _loss(self, params, collector):
+        with _probe.collecting(collector), _flax_interception(self.flax_modules):
+            out = self.loss_fn(params, *self.batch)
+        loss = out[0] if self.has_aux else out
+        loss = jnp.asarray(loss)
+        if loss.shape != ():
+            raise ValueError(
+                f"loss_fn must return a scalar loss{' (first of the pair)' if self.has_aux else ''}"
+                f", got shape {loss.shape}"
+            )
+        return loss
+
+    def discover(self, params):
+        perturber = _Perturber(_ZeroDict())
+
+        def traced(params):
+            perturber.__init__(_ZeroDict())
+            loss = self._loss(params, perturber)
+            return loss, perturber.values
+
+        _, self.shapes = jax.eval_shape(traced, params)
+        self.taps = list(perturber.taps)
+
+    def _activation_name(self, key: str, activation: Any) -> tuple[Any, str | None]:
+        base = key.split("#")[0]
+        if base in self.overrides:
+            activation = self.overrides[base]
+        entry = _activation_entry(activation)
+        if entry is not None:
+            return entry, entry.name
+        if activation is None:
+            return None, None
+        return None, getattr(activation, "__name__", str(activation))
+
+    def compiled(self):
+        if self._compiled is not None:
+            return self._compiled
+        entries = {key: self._activation_name(key, act)[0] for key, _, act in self.taps}
+
+        def run(params):
+            perturbations = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.shapes.items()}
+
+            def f(params, perturbations):
+                perturber = _Perturber(perturbations)
+                loss = self._loss(params, perturber)
+                return loss, perturber.values
+
+            (loss, values), (grads, cotangents) = jax.value_and_grad(
+                f, argnums=(0, 1), has_aux=True
+            )(params, perturbations)
+            measures = {}
+            for k, z in values.items():
+                entry = entries.get(k)
+                m = {
+                    "std": jnp.std(jnp.where(jnp.isfinite(z), z, 0)),
+                    "nonfinite": jnp.sum(~jnp.isfinite(z)) + jnp.sum(~jnp.isfinite(cotangents[k])),
+                    "cotangent_norm": safe_norm(cotangents[k]),
+                }
+                if entry is not None and entry.elementwise:
+                    zero = entry.zero_grad_mask(z)
+                    units = zero.reshape(-1, zero.shape[-1]) if zero.ndim else zero.reshape(1, 1)
+                    m["zero_grad_fraction"] = jnp.mean(zero)
+                    m["dead_fraction"] = jnp.mean(jnp.all(units, axis=0))
+                    low, high = entry.output_range
+                    if math.isfinite(low) and math.isfinite(high) and entry.peak_derivative:
+                        m["saturated_fraction"] = jnp.mean(entry.saturation_mask(z))
+                measures[k] = m
+            return loss, gradient_stats(grads), measures
+
+        self._compiled = jax.jit(run)
+        return self._compiled
+
+    def analyse(self, params) -> _Analysis:
+        loss, stats, measures = jax.device_get(self.compiled()(params))
+        by_path = stats_by_path(stats)
+        groups = _param_groups(params)
+        layers: list[LayerHealth] = []
+        used_groups = set()
+        for key, _, activation in self.taps:
+            _, act_name = self._activation_name(key, activation)
+            group = _match_group(key, groups)
+            layer = LayerHealth(name=key, activation=act_name)
+            if group is not None and group not in used_groups and "#" not in key:
+                used_groups.add(group)
+                layer.param_paths = list(groups[group])
+            m = measures[key]
+            layer.cotangent_norm = float(m["cotangent_norm"])
+            layer.preactivation_std = float(m["std"])
+            layer.nonfinite = int(m["nonfinite"])
+            for field in ("zero_grad_fraction", "dead_fraction", "saturated_fraction"):
+                if field in m:
+                    setattr(layer, field, float(m[field]))
+            layers.append(layer)
+        for group, paths in groups.items():
+            if group not in used_groups:
+                base = group.split("/")[-1]
+                _, act_name = self._activation_name(base, None)
+                layers.append(LayerHealth(name=group, activation=act_name, param_paths=paths))
+        for layer in layers:
+            if not layer.param_paths:
+                continue
+            leaves = [by_path[p] for p in layer.param_paths]
+            layer.grad_norm = _host_combine([float(s.norm) for s in leaves])
+            layer.grad_max_abs = max(float(s.max_abs) for s in leaves)
+            sizes = [int(np.prod(np.shape(_leaf(params, p)))) for p in layer.param_paths]
+            layer.grad_zero_fraction = float(
+                sum(float(s.zero_fraction) * n for s, n in zip(leaves, sizes, strict=True))
+                / max(sum(sizes), 1)
+            )
+            layer.grad_histogram = np.sum([np.asarray(s.log2_histogram) for s in leaves], axis=0)
+            layer.nonfinite += sum(
+                int(s.nan_count) + int(s.posinf_count) + int(s.neginf_count) for s in leaves
+            )
+        return _Analysis(float(loss), layers)
+
+
+class _ZeroDict(dict):
+    """Zero perturbations for the discovery trace, created on first use."""
+
+    def __missing__(self, key):
+        return jnp.zeros([])
+
+
+def _leaf(params: PyTree, path: str) -> Any:
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if path_name(p) == path:
+            return leaf
+    raise KeyError(path)
+
+
+def _reference_layer(layers: list[LayerHealth]) -> str | None:
+    with_grads = [la for la in layers if la.grad_norm is not None]
+    return with_grads[-1].name if with_grads else None
+
+
+def _norm_of(layer: LayerHealth) -> float | None:
+    return layer.grad_norm if layer.grad_norm is not None else layer.cotangent_norm
+
+
+def _judge(layers: list[LayerHealth], reference: str | None) -> list[Finding]:
+    ref_layer = next((la for la in layers if la.name == reference), None)
+    ref_norm = ref_layer.grad_norm if ref_layer is not None else None
+    if ref_norm is None and layers:
+        ref_norm = _norm_of(layers[-1])
+    for la in layers:
+        la.symptoms = []
+        norm = _norm_of(la)
+        if la.nonfinite:
+            la.symptoms.append("nan/inf")
+            continue
+        if norm is not None and norm == 0 and la.grad_norm is not None:
+            la.symptoms.append("no gradient")
+        elif norm is not None and ref_norm and math.isfinite(ref_norm) and ref_norm > 0:
+            ratio = norm / ref_norm
+            if norm < VANISHING_ABSOLUTE and ratio < VANISHING_RATIO:
+                la.symptoms.append("vanishing")
+            elif ratio > EXPLODING_RATIO or norm > EXPLODING_ABSOLUTE:
+                la.symptoms.append("exploding")
+        elif norm is not None and norm > EXPLODING_ABSOLUTE:
+            la.symptoms.append("exploding")
+        if la.dead_fraction is not None and la.dead_fraction >= DEAD_UNIT_SHARE:
+            la.symptoms.append("dead units")
+        if la.saturated_fraction is not None and la.saturated_fraction > SATURATED_FRACTION:
+            la.symptoms.append("saturated")
+    findings = []
+    for symptom in _SYMPTOM_ORDER:
+        names = [la.name for la in layers if symptom in la.symptoms]
+        if not names:
+            continue
+        findings.append(_finding(symptom, names, layers, reference, ref_norm))
+    return findings
+
+
+def _finding(symptom, names, layers, reference, ref_norm) -> Finding:
+    by_name = {la.name: la for la in layers}
+    first = names[0]
+    if symptom in ("vanishing", "exploding"):
+        # The gradient flows backward, so the problem starts at the flagged layer nearest the
+        # loss; the first layer is where it is worst.
+        starts = names[-1]
+        worst = min(names, key=lambda n: _norm_of(by_name[n]) or 0.0)
+        if symptom == "exploding":
+            worst = max(names, key=lambda n: _norm_of(by_name[n]) or 0.0)
+        norm = _norm_of(by_name[worst])
+        message = (
+            f"{symptom} gradients in {', '.join(names)} (first layer: {first}); it starts at "
+            f"{starts}, going backward from the loss. {worst} has gradient norm {norm:.3g} vs "
+            f"{ref_norm:.3g} at the last layer ({reference})"
+        )
+        if symptom == "vanishing":
+            message += (
+                f" - below {VANISHING_ABSOLUTE:g} and {VANISHING_RATIO:g}x the last layer. The "
+                "norm is small but not zero: this is vanishing, not a dead network. Likely "
+                "cause: weights too small for the depth (initialisation scale)."
+            )
+        else:
+            message += (
+                f" - above {EXPLODING_RATIO:g}x the last layer or {EXPLODING_ABSOLUTE:g}. Likely "
+                "cause: weights too large for the depth, or a too-large learning rate."
+            )
+        return Finding(symptom, names, starts, message)
+    if symptom == "nan/inf":
+        message = (
+            f"NaN/Inf in the gradients or activations of {', '.join(names)} (first layer: "
+            f"{first}); use gradkit.diagnostics.find_nan_origin(jax.grad(loss_fn), params, "
+            "*batch) to name the equation and source line."
+        )
+        return Finding(symptom, names, first, message)
+    if symptom == "no gradient":
+        message = (
+            f"no gradient at all (norm exactly 0) in {', '.join(names)}: every path to the loss "
+            "passes through a zero derivative (dead units, a hard threshold, round/sign/argmax) "
+            "or the parameters are unused."
+        )
+        return Finding(symptom, names, first, message)
+    if symptom == "dead units":
+        parts = [f"{n} {by_name[n].dead_fraction:.0%}" for n in names]
+        message = (
+            f"dead units (derivative 0 for every example of the batch) in {', '.join(parts)} - "
+            f"at least {DEAD_UNIT_SHARE:.0%} of the layer. Likely cause: negative biases or a "
+            "large step pushed the pre-activations into the activation's flat region."
+        )
+        return Finding(symptom, names, first, message)
+    parts = [f"{n} {by_name[n].saturated_fraction:.0%}" for n in names]
+    message = (
+        f"saturated units in {', '.join(parts)} of pre-activations in the activation's flat "
+        f"region (threshold {SATURATED_FRACTION:.0%}). Likely cause: a hard or bounded "
+        "activation with pre-activations too large; try a smaller initialisation or a surrogate "
+        "gradient (gradkit.activations.with_surrogate_grad)."
+    )
+    return Finding(symptom, names, first, message)
+
+
+_RELU_FAMILY = {"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "mish", "softplus"}
+
+
+def _reinit(params, paths: set[str], kind: str, key, bias: float | None = None, relu=()):
+    """Re-initialises the kernels (leaves with ndim >= 2) on ``paths``; optionally sets biases."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), leaf_key in zip(leaves, keys, strict=True):
+        name = path_name(path)
+        leaf = jnp.asarray(leaf)
+        if name in paths and leaf.ndim >= 2 and kind is not None:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            fan_out = int(leaf.shape[-1])
+            variance = 2.0 / fan_in if kind == "he" else 2.0 / (fan_in + fan_out)
+            leaf = (jax.random.normal(leaf_key, leaf.shape) * math.sqrt(variance)).astype(
+                leaf.dtype
+            )
+        elif name in paths and leaf.ndim == 1 and bias is not None and layer_of(name) in relu:
+            leaf = jnp.full_like(leaf, bias)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(
+        treedef.treedef if hasattr(treedef, "treedef") else jax.tree_util.tree_structure(params),
+        out,
+    )
+
+
+def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommendation]:
+    layers = base.layers
+    symptoms = {f.symptom for f in findings}
+    flagged = [la.name for la in layers if la.symptoms]
+    order = [la.name for la in layers]
+    with_params = [la for la in layers if la.param_paths]
+    first_index = min(order.index(n) for n in flagged)
+    downstream = [la for la in with_params if order.index(la.name) >= first_index]
+    flagged_layers = [la for la in with_params if la.name in flagged]
+    relu_groups = {
+        layer_of(la.param_paths[0])
+        for la in with_params
+        if la.activation in _RELU_FAMILY and la.param_paths
+    }
+
+    def paths(selection):
+        return {p for la in selection for p in la.param_paths}
+
+    candidates: list[tuple[str, str, Callable[[], Any]]] = []
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    if symptoms & {"vanishing", "exploding", "no gradient", "dead units"} and with_params:
+        names_down = ", ".join(la.name for la in downstream)
+        names_flag = ", ".join(la.name for la in flagged_layers)
+        if flagged_layers and flagged_layers != downstream:
+            candidates.append(
+                (
+                    "he init (flagged layers)",
+                    f"He-normal re-initialisation of {names_flag} only",
+                    lambda: _reinit(params, paths(flagged_layers), "he", k1),
+                )
+            )
+        candidates.append(
+            (
+                "he init",
+                f"He-normal re-initialisation of {names_down} (the flagged layers and those the "
+                "gradient flows back through)",
+                lambda: _reinit(params, paths(downstream), "he", k2),
+            )
+        )
+        candidates.append(
+            (
+                "xavier init",
+                f"Xavier (Glorot) normal re-initialisation of {names_down}",
+                lambda: _reinit(params, paths(downstream), "xavier", k3),
+            )
+        )
+        if relu_groups:
+            candidates.append(
+                (
+                    f"xavier init + bias {POSITIVE_BIAS:g}",
+                    f"Xavier re-initialisation of {names_down} and bias {POSITIVE_BIAS:g} on the "
+                    "ReLU-family layers",
+                    lambda: _reinit(
+                        params, paths(downstream), "xavier", k3, POSITIVE_BIAS, relu_groups
+                    ),
+                )
+            )
+    if "dead units" in symptoms and relu_groups:
+        candidates.append(
+            (
+                f"bias {POSITIVE_BIAS:g}",
+                f"bias {POSITIVE_BIAS:g} on the ReLU-family layers, weights unchanged",
+                lambda: _reinit(params, paths(with_params), None, k4, POSITIVE_BIAS, relu_groups),
+            )
+        )
+    results = []
+    for name, description, make in candidates:
+        analysis = runner.analyse(make())
+        results.append(_evaluate(name, description, analysis, base, findings, reference))
+    if "exploding" in symptoms or "nan/inf" in symptoms:
+        results.append(_clipped(base, findings, reference))
+    results.sort(key=lambda r: (len(r[1].remaining), -r[0]))
+    return [rec for _, rec in results]
+
+
+def _evaluate(name, description, analysis, base, findings, reference):
+    ref_name = _reference_layer(analysis.layers) or reference
+    new_findings = _judge(analysis.layers, ref_name)
+    return _recommendation(name, description, analysis.layers, base, findings, new_findings)
+
+
+def _recommendation(name, description, new_layers, base, findings, new_findings):
+    old = {la.name: la for la in base.layers}
+    new = {la.name: la for la in new_layers}
+    change = {}
+    gains = []
+    for la_name, la in old.items():
+        if not la.symptoms:
+            continue
+        before, after = _norm_of(la), _norm_of(new[la_name]) if la_name in new else None
+        if before and after is not None and math.isfinite(before) and math.isfinite(after):
+            change[la_name] = after / before
+            if after > 0:
+                gains.append(abs(math.log10(after / before)))
+    remaining = [f"{f.symptom}: {', '.join(f.layers)}" for f in new_findings]
+    left = {f.symptom for f in new_findings}
+    resolved = [f.symptom for f in findings if f.symptom not in left]
+    score = float(np.mean(gains)) if gains else 0.0
+    grad_norms = {n: _norm_of(la) for n, la in new.items()}
+    return score, Recommendation(name, description, grad_norms, change, remaining, resolved)
+
+
+def _clipped(base, findings, reference):
+    norms = [la.grad_norm for la in base.layers if la.grad_norm is not None]
+    finite = [n for n in norms if math.isfinite(n)]
+    total = _host_combine(finite) if finite else 0.0
+    factor = min(1.0, CLIP_NORM / total) if total > 0 else 1.0
+    layers = []
+    for la in base.layers:
+        copy = dataclasses.replace(la, symptoms=[])
+        if copy.grad_norm is not None and math.isfinite(copy.grad_norm):
+            copy.grad_norm *= factor
+        layers.append(copy)
+    new_findings = _judge(layers, reference)
+    return _recommendation(
+        f"clip by global norm {CLIP_NORM:g}",
+        f"optax.clip_by_global_norm({CLIP_NORM:g}) on the gradients (scales every layer by "
+        f"{factor:.3g}; it bounds the step but does not change the gradient's direction)",
+        layers,
+        base,
+        findings,
+        new_findings,
+    )
