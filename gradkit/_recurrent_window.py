@@ -114,12 +114,12 @@ def gradkit_window_truncation(spec: WindowSpec, consts: list, init: PyTree, xs: 
     return final, ys
 
 
-def _window_fwd(spec: WindowSpec, consts: list, init: PyTree, xs: PyTree):
+def gradkit_window_truncation_fwd(spec: WindowSpec, consts: list, init: PyTree, xs: PyTree):
     final, ys, stored = _forward(spec, consts, init, xs)
     return (final, ys), (consts, init, xs, stored)
 
 
-def _window_bwd(spec: WindowSpec, residuals, cotangents):
+def gradkit_window_truncation_bwd(spec: WindowSpec, residuals, cotangents):
     consts, init, xs, stored = residuals
     final_ct, ys_ct = cotangents
     k = spec.k
@@ -215,4 +215,4 @@ def _window_bwd(spec: WindowSpec, residuals, cotangents):
     )
 
 
-gradkit_window_truncation.defvjp(_window_fwd, _window_bwd)
+gradkit_window_truncation.defvjp(gradkit_window_truncation_fwd, gradkit_window_truncation_bwd)

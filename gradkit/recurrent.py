@@ -655,6 +655,8 @@ class SimpleRNN:
             raise TypeError(
                 f"SimpleRNN: activation must be a name or a callable; got {self.activation!r}"
             )
+        if isinstance(self.activation, str):
+            _resolve_activation(self.activation)  # an unknown name fails here, not mid-trace
 
     def init(self, key: jax.Array, input_features: int, dtype=jnp.float32) -> dict:
         """Returns ``{"kernel", "recurrent_kernel", "bias"}`` for ``input_features`` inputs."""
