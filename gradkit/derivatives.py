@@ -106,20 +106,21 @@ def _parameter_names(f: Callable) -> list[str]:
     return names
 
 
-def _argument_label(f: Callable, position: int) -> str:
+def _argument_label(f: Callable, position: int) -> tuple[str, str]:
+    """How messages name ``f``'s positional argument: its parameter name and a note."""
     names = _parameter_names(f)
     if position < len(names):
-        return f"argument {names[position]} (position {position})"
-    return f"argument {position}"
+        return names[position], f" (argument {position} of f)"
+    return f"argument {position} of f", ""
 
 
-def _check_floating(caller: str, label: str, tree: PyTree) -> None:
+def _check_floating(caller: str, label: str, tree: PyTree, note: str = "") -> None:
     """Raises TypeError naming every leaf of ``tree`` that is not floating point or complex."""
     bad = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         _, dtype, _ = _shape_dtype(leaf)
         if not np.issubdtype(dtype, np.inexact):
-            bad.append(f"{label}{jax.tree_util.keystr(path)} has dtype {dtype.name}")
+            bad.append(f"{label}{jax.tree_util.keystr(path)}{note} has dtype {dtype.name}")
     if bad:
         raise TypeError(
             f"{caller}: derivatives are taken with respect to floating-point inputs, but "
@@ -210,7 +211,8 @@ def _selected(args: Sequence[Any], argnums: int | tuple[int, ...]) -> Any:
 def _check_selected(caller: str, f: Callable, args: Sequence[Any], argnums) -> None:
     for position in (argnums,) if isinstance(argnums, int) else argnums:
         position %= len(args)
-        _check_floating(caller, _argument_label(f, position), args[position])
+        name, note = _argument_label(f, position)
+        _check_floating(caller, name, args[position], note)
 
 
 def _at_point(
