@@ -886,7 +886,7 @@ class _Pending(NamedTuple):
     step: int
     before: TrainState
     after: TrainState
-    metrics: dict[str, jax.Array]
+    metrics: jax.Array  # the step's metrics, stacked in the order of _Run.metric_names
     batch: Callable[[], PyTree]
 
 
@@ -929,7 +929,11 @@ class _Run:
         new_state, metrics = self.body(state, batch)
         if self.replicated is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, self.replicated)
-        return new_state, metrics
+        # One array instead of a dict: reading the metrics back is then a single transfer.
+        self.metric_names = tuple(sorted(metrics))
+        values = [jnp.asarray(metrics[name]) for name in self.metric_names]
+        dtype = jnp.result_type(jnp.float32, *values)
+        return new_state, jnp.stack([value.astype(dtype) for value in values])
 
     def _gather(self, arrays: PyTree, order: jax.Array, offset: jax.Array) -> PyTree:
         size = self.batches.batch_size
@@ -1052,7 +1056,8 @@ class _Run:
     def _consume(self, pending: _Pending, bar: Any, *, run_callbacks: bool = True) -> None:
         """Host work for one finished step: NaN check, history, logs, eval, callbacks, saves."""
         options = self.options
-        values = {name: float(value) for name, value in jax.device_get(pending.metrics).items()}
+        packed = np.asarray(pending.metrics).tolist()
+        values = dict(zip(self.metric_names, packed, strict=True))
         step = pending.step
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             bar.close()
