@@ -383,7 +383,6 @@ _BINARY: dict[str, Callable[[sympy.Basic, sympy.Basic], sympy.Basic]] = {
     "max": sympy.Max,
     "min": sympy.Min,
     "atan2": sympy.atan2,
-    "nextafter": lambda a, b: a,
     "eq": sympy.Eq,
     "ne": sympy.Ne,
     "lt": sympy.Lt,
