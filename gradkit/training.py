@@ -19,6 +19,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -656,6 +657,8 @@ class _Batches:
             self.iterable = data
             self.batch_size = None
             self.steps_per_epoch = len(data) if hasattr(data, "__len__") else None
+            if self.steps_per_epoch == 0:
+                raise ValueError("fit: data yielded no batches (it is empty)")
         if self.batch_size is not None and self.batch_size % mesh_size:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by the {mesh_size} devices of "
@@ -779,8 +782,9 @@ def fit(
     Raises:
       TypeError: for an optimizer that is not an optax transform, non-callable callbacks, or
         data whose float dtype differs from the params'.
-      ValueError: for a bad ``steps``/``epochs``/``batch_size``, a non-scalar loss, or a
-        checkpoint folder holding another model's checkpoints (or any, with ``resume=False``).
+      ValueError: for a bad ``steps``/``epochs``/``batch_size``, empty data, a non-scalar loss,
+        or a checkpoint folder holding another model's checkpoints (or any, with
+        ``resume=False``).
       NonFiniteLossError: when a step's loss or gradient norm is not finite.
       KeyboardInterrupt: re-raised after writing a final checkpoint.
 
@@ -1034,6 +1038,8 @@ class _Run:
             if pending is not None:
                 finished, pending = pending, None
                 self._consume(finished, bar)
+            if number == start:
+                raise ValueError("fit: data yielded no batches")
         except KeyboardInterrupt:
             if pending is not None:
                 try:
@@ -1050,6 +1056,12 @@ class _Run:
         except BaseException:
             bar.close()
             raise
+        if self.total is not None and number < self.total and not self.stopped:
+            warnings.warn(
+                f"fit: the data ran out after {number - start} batches; stopping at step "
+                f"{number} of {self.total}",
+                stacklevel=3,
+            )
         self._finish(bar, final_eval=True)
         return self.good, self.history
 

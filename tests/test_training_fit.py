@@ -113,8 +113,11 @@ def test_fit_on_an_iterable_of_batches_uses_them_in_order():
     assert _leaves_equal(state.params, manual.params)
 
     generator = (batch for batch in batches)  # one-shot: stops when exhausted
-    state, history = fit(linear_loss, LINEAR, generator, optimizer, steps=100, progress=False)
+    with pytest.warns(UserWarning, match=r"data ran out after 4 batches; stopping at step 4 of"):
+        state, history = fit(linear_loss, LINEAR, generator, optimizer, steps=100, progress=False)
     assert len(history) == 4
+    with pytest.raises(ValueError, match=r"data yielded no batches"):
+        fit(linear_loss, LINEAR, [], optimizer, steps=3, progress=False)
 
 
 def test_fit_full_batch_in_order_with_shuffle_off():
