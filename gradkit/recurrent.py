@@ -1032,15 +1032,6 @@ def tbptt_value_and_grad(
     n_steps = _time_length(xs, None)
     init = jax.tree.map(jnp.asarray, init)
     n_blocks = -(-n_steps // k1)
-    front, back = k2 - k1, n_blocks * k1 - n_steps
-    # Padding steps repeat a real input (so the step sees ordinary values) and are masked out.
-    padded = jax.tree.map(
-        lambda a: jnp.concatenate(
-            [jnp.repeat(a[:1], front, axis=0), a, jnp.repeat(a[-1:], back, axis=0)]
-        ),
-        xs,
-    )
-    valid = jnp.asarray(np.r_[np.zeros(front, bool), np.ones(n_steps, bool), np.zeros(back, bool)])
     counted = jnp.asarray(np.arange(k2) >= k2 - k1)
 
     def checked_loss_step(p):
@@ -1074,8 +1065,13 @@ def tbptt_value_and_grad(
 
     def block(state, b):
         start, _, total, grads = state
-        x_window = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, b * k1, k2), padded)
-        valid_window = lax.dynamic_slice_in_dim(valid, b * k1, k2)
+        # Block b ends at step (b + 1) * k1 - 1 and back-propagates k2 steps. Positions outside
+        # [0, T) (before the first step, after the last) read a clipped real input, so the step
+        # sees ordinary values, and are masked out: the carry passes through them unchanged.
+        positions = b * k1 - (k2 - k1) + jnp.arange(k2)
+        valid_window = (positions >= 0) & (positions < n_steps)
+        index = jnp.clip(positions, 0, n_steps - 1)
+        x_window = jax.tree.map(lambda a: jnp.take(a, index, axis=0), xs)
         (loss, (next_start, end)), g = block_value_and_grad(params, start, x_window, valid_window)
         grads = jax.tree.map(jnp.add, grads, g)
         return (next_start, end, total + loss, grads), None
