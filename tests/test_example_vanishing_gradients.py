@@ -1,0 +1,40 @@
+"""The seed-004 example runs, prints the right verdicts and writes real images and event files."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+
+from gradkit import _tensorboard
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "vanishing_gradients.py"
+
+
+def test_vanishing_gradients_example(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]
+    assert len(verdicts) == 3
+    assert "vanishing gradients starting in its first layer dense_0" in verdicts[0]
+    assert "the 2-layer net does not" in verdicts[0]
+    assert "clears the flag" in verdicts[2]
+    assert "FAILED" not in completed.stdout
+    for name in ("gradient_norms_over_training.png", "run1_3_layer__N_0__1e_3_report.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+    report = (tmp_path / "run1_3_layer__N_0__1e_3_report.txt").read_text()
+    assert "dense_0" in report and "vanishing" in report
+    scalars = _tensorboard.read_scalars(tmp_path / "tensorboard" / "run1_3_layer__N_0__1e_3")
+    steps = [step for step, _ in scalars["health/dense_0/kernel/norm"]]
+    assert steps == list(range(0, 10_000, 100))
+    assert max(value for _, value in scalars["health/dense_0/grad_norm"]) < 1e-4
+    histograms = _tensorboard.read_histograms(tmp_path / "tensorboard" / "run1_3_layer__N_0__1e_3")
+    assert "health/dense_0/kernel/log2_magnitude" in histograms
