@@ -1,0 +1,34 @@
+"""Runs the seed-002 example (examples/recurrent_truncation.py) as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recurrent_truncation.py"
+
+
+def test_example_answers_seed_002(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]
+    assert len(verdicts) >= 2, output
+    assert not any("WRONG" in line for line in verdicts), output
+    assert "Full(), Chunked(1) and Window(1) agree" in verdicts[0]
+    assert "TheanoTail(1), Lasagne's gradient_steps=1" in verdicts[1]
+    assert "only the last step's loss terms" in verdicts[1]
+    assert "Why: Theano's scan(truncate_gradient=k)" in completed.stdout
+    image = matplotlib.image.imread(tmp_path / "recurrent_truncation.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recurrent_truncation.png"]
