@@ -25,10 +25,14 @@ from gradkit._locate import locate_gradient_error as locate_gradient_error
 # Gradient-flow health and NaN origin (implemented in gradkit._health and gradkit._nan_origin).
 from gradkit._health import HISTOGRAM_EXPONENTS as HISTOGRAM_EXPONENTS  # noqa: E402, RUF100
 from gradkit._health import HealthMonitorState as HealthMonitorState  # noqa: E402, RUF100
+from gradkit._health import HealthReport as HealthReport  # noqa: E402, RUF100
+from gradkit._health import LayerHealth as LayerHealth  # noqa: E402, RUF100
 from gradkit._health import LeafStats as LeafStats  # noqa: E402, RUF100
+from gradkit._health import diagnose as diagnose  # noqa: E402, RUF100
 from gradkit._health import gradient_stats as gradient_stats  # noqa: E402, RUF100
 from gradkit._health import health_monitor as health_monitor  # noqa: E402, RUF100
 from gradkit._health import latest_health as latest_health  # noqa: E402, RUF100
+from gradkit._health import layer_boundary as layer_boundary  # noqa: E402, RUF100
 from gradkit._health import log_health as log_health  # noqa: E402, RUF100
 from gradkit._nan_origin import NanEvent as NanEvent  # noqa: E402, RUF100
 from gradkit._nan_origin import NanOriginReport as NanOriginReport  # noqa: E402, RUF100
