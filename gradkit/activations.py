@@ -127,13 +127,15 @@ def _float_input(x: Any, function: str, argument: str = "x") -> jax.Array:
     return array
 
 
-def _param(value: Any, dtype: Any, function: str, argument: str) -> jax.Array:
+def _param(value: Any, dtype: Any, function: str, argument: str) -> jax.Array | float:
     """Returns a real-valued hyperparameter in the computation dtype (keeps ``x``'s dtype)."""
     if isinstance(value, (bool, complex)) or isinstance(value, (list, tuple, str)):
         raise TypeError(
             f"{function}: {argument} must be a real number or a real array; got "
             f"{type(value).__name__} {value!r}."
         )
+    if isinstance(value, (int, float)):
+        return float(value)  # weakly typed: keeps x's dtype and weak type
     array = jnp.asarray(value)
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(
@@ -164,6 +166,7 @@ def _normalize_axis(axis: Any, ndim: int, function: str) -> tuple[int, ...]:
 # Clip-like functions: derivative 1 strictly inside (low, high), 0 at and beyond the boundaries.
 
 
+@functools.cache
 def _make_closed_clip(low: float, high: float) -> Callable[[jax.Array], jax.Array]:
     @jax.custom_jvp
     def clip(z):
@@ -280,7 +283,8 @@ def _ultra_fast_sigmoid_core(x):
     a = jnp.abs(0.5 * x)
     rational = 1.5 * a / (1 + a)
     linear = _UFS_OFFSET + _UFS_SLOPE * (a - _UFS_KNEE)
-    z = jnp.where(a < _UFS_KNEE, rational, jnp.where(a < _UFS_FLAT, linear, _UFS_CEILING))
+    # Written so that a NaN input falls through to the linear piece and stays NaN.
+    z = jnp.where(a < _UFS_KNEE, rational, jnp.where(a >= _UFS_FLAT, _UFS_CEILING, linear))
     z = jnp.where(x < 0, -z, z)
     return 0.5 * (z + 1.0)
 
@@ -311,8 +315,8 @@ def ultra_fast_sigmoid(x: ArrayLike) -> jax.Array:
       \end{cases}
       \qquad f(x) = \tfrac12\bigl(\operatorname{sign}(x)\, z(a) + 1\bigr).
 
-    These are the constants of Theano's C code (``UltraFastScalarSigmoid``) and the value matches
-    it bit for bit in float64. The derivative is
+    These are the constants of Theano's C code (``UltraFastScalarSigmoid``); in float64 the value
+    matches it to within one ulp of 1, 2.2e-16 (XLA may fuse a multiply-add). The derivative is
 
     .. math::
       f'(x) = \begin{cases}
@@ -354,6 +358,21 @@ def _hard_sigmoid(x, slope, shift):
     return _clip_unit(slope * x + shift)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _hard_sigmoid_reciprocal(x, divisor, shift):
+    # clip(x / k + b, 0, 1) written as clip(x + b k, 0, k) / k: the test against the boundaries
+    # happens before any rounding by 1/k (XLA turns x / k into x * (1/k)), so it is exact.
+    return _make_closed_clip(0.0, divisor)(x + shift * divisor) / divisor
+
+
+def _exact_reciprocal(slope: Any) -> float | None:
+    """k if ``slope`` is a Python float equal to 1/k for a whole number k, else None."""
+    if not isinstance(slope, float) or slope == 0 or not math.isfinite(slope):
+        return None
+    k = round(1.0 / slope)
+    return float(k) if k != 0 and 1.0 / k == slope else None
+
+
 def hard_sigmoid(
     x: ArrayLike, *, slope: ArrayLike = 1.0 / 6.0, shift: ArrayLike = 0.5
 ) -> jax.Array:
@@ -371,7 +390,10 @@ def hard_sigmoid(
     The derivative is zero on the **closed** set where :math:`s x + b \le 0` or
     :math:`s x + b \ge 1` (with the defaults :math:`|x| \ge 3`; with Theano's constants
     :math:`|x| \ge 2.5`), as in ``jax.nn`` and PyTorch. Theano's ``clip`` gradient was inclusive
-    (0.2 at :math:`x = \pm 2.5`); plain ``jnp.clip`` would give half the slope there.
+    (0.2 at :math:`x = \pm 2.5`); plain ``jnp.clip`` would give half the slope there. When
+    ``slope`` is a Python float equal to :math:`1/k` for a whole number :math:`k` (1/6, 0.2),
+    ``clip(x + b k, 0, k) / k`` is computed (as ``relu6(x + 3) / 6`` in jax.nn), so the
+    boundaries fall exactly on :math:`\pm 3` or :math:`\pm 2.5` in every dtype.
 
     Args:
       x: floating-point array or Python float.
@@ -389,9 +411,12 @@ def hard_sigmoid(
       Array([0.3, 0.5, 0.7], dtype=float32)
     """
     x = _float_input(x, "hard_sigmoid")
-    slope = _param(slope, x.dtype, "hard_sigmoid", "slope")
     shift = _param(shift, x.dtype, "hard_sigmoid", "shift")
-    return _hard_sigmoid(x, slope, shift)
+    divisor = _exact_reciprocal(slope)
+    if divisor is not None:
+        # x * (1/6) + 0.5 is not exactly 0 at x = -3 in float64; x + 3 is.
+        return _hard_sigmoid_reciprocal(x, divisor, shift)
+    return _hard_sigmoid(x, _param(slope, x.dtype, "hard_sigmoid", "slope"), shift)
 
 
 @jax.jit
@@ -562,7 +587,7 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
 
 @jax.jit
 def _selu(x):
-    return _SELU_SCALE * _elu(x, lax.convert_element_type(_SELU_ALPHA, x.dtype))
+    return _SELU_SCALE * _elu(x, _SELU_ALPHA)
 
 
 def selu(x: ArrayLike) -> jax.Array:
@@ -1024,8 +1049,8 @@ class Activation:
     def derivative_at(self, x: ArrayLike, **params: Any) -> jax.Array:
         r"""The derivative gradkit uses, evaluated elementwise: :math:`f'(x)`.
 
-        For elementwise activations this is the JVP with tangent 1, i.e. exactly what
-        ``jax.grad`` propagates (conventions at kinks and float underflow included). For softmax
+        For elementwise activations this is the VJP with cotangent 1, i.e. exactly what
+        ``jax.grad`` computes (conventions at kinks and float underflow included). For softmax
         and log_softmax it is the Jacobian diagonal :math:`\partial f_i / \partial x_i`.
 
         Args:
@@ -1041,7 +1066,12 @@ class Activation:
                 raise ValueError(f"Activation {self.name!r} defines no jacobian_diagonal.")
             return self.jacobian_diagonal(x, **merged)
         x = _float_input(x, f"{self.name}.derivative_at")
-        return jax.jvp(lambda u: self.function(u, **merged), (x,), (jnp.ones_like(x),))[1]
+        key = tuple(sorted(merged.items()))
+        try:
+            hash(key)
+        except TypeError:  # array-valued parameters: trace without the compilation cache
+            return _elementwise_derivative(self.function, key, x)
+        return _elementwise_derivative_jit(self.function, key, x)
 
     def zero_grad_mask(self, x: ArrayLike, **params: Any) -> jax.Array:
         r"""True exactly where gradkit's derivative is exactly zero.
@@ -1106,6 +1136,14 @@ class Activation:
         return float(self.peak_derivative)
 
 
+def _elementwise_derivative(function, params, x):
+    _, pullback = jax.vjp(lambda u: function(u, **dict(params)), x)
+    return pullback(jnp.ones_like(x))[0]
+
+
+_elementwise_derivative_jit = jax.jit(_elementwise_derivative, static_argnums=(0, 1))
+
+
 def _check_params(activation: Activation, params: Mapping[str, Any]) -> None:
     accepted = _ACCEPTED_PARAMS.get(activation.name)
     if accepted is None:
@@ -1130,10 +1168,10 @@ def _log_softmax_diagonal(x, axis=-1):
 def _softmax_zero_grad(x, axis=-1):
     s = softmax(x, axis)
     axes = _normalize_axis(axis, max(s.ndim, 1), "softmax") if s.ndim else ()
-    others = jnp.sum(s, axes, keepdims=True) - s
+    nonzero = jnp.sum(s != 0, axes, keepdims=True)
     # Column i of the Jacobian, s_j (delta_ij - s_i), is zero iff s_i == 0, or s_i == 1 with every
     # other s_j == 0.
-    return (s == 0) | ((s == 1) & (others == 0))
+    return (s == 0) | ((s == 1) & (nonzero == 1))
 
 
 def _log_softmax_zero_grad(x, axis=-1):
@@ -1372,7 +1410,7 @@ _builtin(
     "x * Phi(x) = 0.5 x erfc(-x / sqrt(2)); approximate=True: "
     "0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))",
     "Phi(x) + x phi(x), minimum -0.1289 at x = -sqrt(2)",
-    (-0.17, _INF),
+    (-0.1701, _INF),
     "none (isolated zero of the derivative near x = -0.75; underflow for very negative x)",
     lambda p: 1.128993068655481 if p.get("approximate", False) else 1.1289041451825208,
     ("approximate",),
