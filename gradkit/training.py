@@ -1163,19 +1163,23 @@ class _ProgressBar:
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
         self.shown = start
         self.last_text = 0.0
+        self.loss: float | None = None
 
     def advance(self, step: int, loss: float) -> None:
         if self.bar is None:
             return
-        self.bar.update(step - self.shown)
-        self.shown = step
+        self.loss = loss
         now = time.monotonic()
         if now - self.last_text > 0.2:
             self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=False)
             self.last_text = now
+        self.bar.update(step - self.shown)
+        self.shown = step
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.loss is not None:  # the final line shows the last loss, not a stale one
+                self.bar.set_postfix_str(f"loss={self.loss:.4g}", refresh=False)
             self.bar.close()
             self.bar = None
 
