@@ -395,9 +395,10 @@ class Dense:
         label = self._label
         if not isinstance(params, Mapping) or "kernel" not in params:
             found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+            keys = "'kernel' and 'bias'" if self.use_bias else "'kernel'"
             raise ValueError(
-                f"{label}: params must be the dict init returned, with 'kernel'"
-                f"{' and bias' if self.use_bias else ''}; got {found}{_caller_line()}"
+                f"{label}: params must be the dict init returned, with {keys}; got {found}"
+                f"{_caller_line()}"
             )
         kernel = jnp.asarray(params["kernel"])
         if kernel.ndim != 2 or kernel.shape[1] != self.features:
