@@ -1,0 +1,574 @@
+"""Benchmark of gradkit.recurrent: truncated BPTT speed, PyTensor scan, and memory.
+
+Workloads (float32, batch 10 sequences, time-major scans):
+  A  seed 002 as posted: 10,000 steps, 2 inputs -> 2 classes, softmax cell, mean cross-entropy
+     over every step's label; recurrent weights start at 0.
+  B  10,000 steps, 32 inputs, tanh RNN with 128 hidden units, a linear read-out and a squared
+     error at every step.
+
+Speed: value-and-gradient of the loss with respect to all parameters, for a hand-written
+``jax.lax.scan``, gradkit ``Full()``, ``Chunked(k)`` for k in {1, 10, 100}, ``TheanoTail(100)``,
+streaming ``tbptt_value_and_grad(k1=k2=100)`` (workload B), and PyTensor's ``scan`` with its C
+backend, full and ``truncate_gradient=100``. Each entry is the median of repeated runs after a
+warm-up call; compile time is reported separately. Every entry is gated by a gradient check: the
+hand-written reference is checked against a float64 central difference along a random direction,
+and every other entry against an independently written reference for the same maths (nested
+``lax.scan`` with hand-placed ``stop_gradient``); an entry whose gradient is wrong is reported as
+WRONG instead of a time.
+
+Memory: peak resident set size of one value-and-gradient call on workload B at T = 100,000,
+each configuration in its own subprocess: full BPTT, ``remat="sqrt"`` and streaming
+``tbptt_value_and_grad(k1=k2=100)``.
+
+PyTensor is not a gradkit dependency. Install it next to gradkit to get its columns, e.g. in a
+virtual environment that sees the system packages:
+
+    python -m venv --system-site-packages .bench-env && .bench-env/bin/pip install pytensor
+    .bench-env/bin/python benchmarks/bench_recurrent.py
+
+Usage:
+    python benchmarks/bench_recurrent.py            # full run (several minutes)
+    python benchmarks/bench_recurrent.py --quick    # smoke run, T = 1,000, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gradkit.recurrent import Chunked, TheanoTail, scan, tbptt_value_and_grad
+
+BATCH = 10
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------------
+
+
+class Workload:
+    """Data, parameters and the step/loss of one workload (time-major, float32)."""
+
+    def __init__(self, name: str, steps: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.name, self.steps = name, steps
+        if name == "A":
+            self.inputs, self.hidden = 2, 2
+            self.params = {
+                "W": rng.standard_normal((2, 2)).astype(np.float32),
+                "U": np.zeros((2, 2), np.float32),
+                "b": np.zeros(2, np.float32),
+            }
+            labels = rng.integers(2, size=(steps, BATCH))
+            self.targets = np.eye(2, dtype=np.float32)[labels]  # one-hot (T, B, 2)
+        else:
+            self.inputs, self.hidden = 32, 128
+            self.params = {
+                "W": (rng.standard_normal((32, 128)) / np.sqrt(32)).astype(np.float32),
+                "U": (rng.standard_normal((128, 128)) * 0.9 / np.sqrt(128)).astype(np.float32),
+                "b": np.zeros(128, np.float32),
+                "v": (rng.standard_normal(128) / np.sqrt(128)).astype(np.float32),
+            }
+            self.targets = rng.standard_normal((steps, BATCH)).astype(np.float32)
+        self.xs = rng.standard_normal((steps, BATCH, self.inputs)).astype(np.float32)
+
+    def activation(self, z):
+        return jax.nn.softmax(z, axis=-1) if self.name == "A" else jnp.tanh(z)
+
+    def cell(self, params, h, x):
+        return self.activation(x @ params["W"] + h @ params["U"] + params["b"])
+
+    def step_loss(self, params, h, target):
+        """Loss of one step's output h (B, hidden), summed over the batch."""
+        if self.name == "A":
+            return -jnp.sum(target * jnp.log(h))
+        return jnp.sum((h @ params["v"] - target) ** 2)
+
+    def normaliser(self) -> float:
+        return float(self.steps * BATCH)
+
+    def h0(self, dtype=jnp.float32):
+        return jnp.zeros((BATCH, self.hidden), dtype)
+
+    def device_args(self, dtype=jnp.float32):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        return jax.tree.map(cast, self.params), cast(self.xs), cast(self.targets)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX implementations: hand-written references and gradkit
+# --------------------------------------------------------------------------------------------
+
+
+def hand_full(w: Workload):
+    """Plain jax.lax.scan, the code a user would write without gradkit."""
+
+    def loss(params, xs, targets):
+        def step(h, inputs):
+            x, target = inputs
+            h = w.cell(params, h, x)
+            return h, w.step_loss(params, h, target)
+
+        _, losses = lax.scan(step, w.h0(xs.dtype), (xs, targets))
+        return jnp.sum(losses) / w.normaliser()
+
+    return jax.value_and_grad(loss)
+
+
+def hand_chunked(w: Workload, k: int):
+    """TBPTT(k, k) by hand: an outer scan over chunks, stop_gradient on the carry between them."""
+
+    def loss(params, xs, targets):
+        def chunk(h, inputs):
+            def step(h, inputs):
+                x, target = inputs
+                h = w.cell(params, h, x)
+                return h, w.step_loss(params, h, target)
+
+            return lax.scan(step, h, inputs)
+
+        n = w.steps // k
+        chunks = jax.tree.map(lambda a: a.reshape((n, k, *a.shape[1:])), (xs, targets))
+
+        def outer(h, inputs):
+            h, losses = chunk(h, inputs)
+            return lax.stop_gradient(h), jnp.sum(losses)
+
+        _, losses = lax.scan(outer, w.h0(xs.dtype), chunks)
+        return jnp.sum(losses) / w.normaliser()
+
+    return jax.value_and_grad(loss)
+
+
+def hand_tail(w: Workload, k: int):
+    """Theano's truncate_gradient=k by hand: the first T - k steps run without gradient."""
+
+    def loss(params, xs, targets):
+        def run(p, h, xs, targets):
+            def step(h, inputs):
+                x, target = inputs
+                h = w.cell(p, h, x)
+                return h, w.step_loss(p, h, target)
+
+            return lax.scan(step, h, (xs, targets))
+
+        split = w.steps - k
+        frozen = lax.stop_gradient(params)
+        h, early = run(frozen, w.h0(xs.dtype), xs[:split], targets[:split])
+        _, late = run(params, lax.stop_gradient(h), xs[split:], targets[split:])
+        return (jnp.sum(early) + jnp.sum(late)) / w.normaliser()
+
+    return jax.value_and_grad(loss)
+
+
+def gradkit_scan(w: Workload, truncate):
+    def loss(params, xs, targets):
+        def step(h, inputs):
+            x, target = inputs
+            h = w.cell(params, h, x)
+            return h, w.step_loss(params, h, target)
+
+        _, losses = scan(step, w.h0(xs.dtype), (xs, targets), truncate=truncate)
+        return jnp.sum(losses) / w.normaliser()
+
+    return jax.value_and_grad(loss)
+
+
+def gradkit_tbptt(w: Workload, k1: int, k2: int):
+    def value_and_grad(params, xs, targets):
+        def loss_step(p, h, inputs):
+            x, target = inputs
+            h = w.cell(p, h, x)
+            return h, w.step_loss(p, h, target) / w.normaliser()
+
+        loss, grads, _ = tbptt_value_and_grad(
+            loss_step, params, w.h0(xs.dtype), (xs, targets), k1=k1, k2=k2
+        )
+        return loss, grads
+
+    return value_and_grad
+
+
+def time_jax(fn, args, repeats: int):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times), jax.tree.map(np.asarray, out)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTensor
+# --------------------------------------------------------------------------------------------
+
+
+def pytensor_available() -> tuple[bool, str]:
+    try:
+        import pytensor  # noqa: F401
+    except ImportError:
+        return False, (
+            "PyTensor is not installed, so its columns are skipped. Install it next to gradkit "
+            "(it is not a gradkit dependency): python -m venv --system-site-packages .bench-env "
+            "&& .bench-env/bin/pip install pytensor, then run this script with "
+            ".bench-env/bin/python"
+        )
+    return True, ""
+
+
+def time_pytensor(w: Workload, truncate_gradient: int, repeats: int):
+    """PyTensor scan with the C backend (linker "cvm"), same maths as the JAX versions."""
+    import pytensor
+    import pytensor.tensor as pt
+    from pytensor.compile.mode import Mode
+
+    pytensor.config.floatX = "float32"
+    shared = {k: pytensor.shared(v, name=k) for k, v in w.params.items()}
+    xs = pt.tensor3("xs", dtype="float32")
+    targets = pt.tensor3("t", dtype="float32") if w.name == "A" else pt.matrix("t", dtype="float32")
+    h0 = pt.zeros((BATCH, w.hidden), dtype="float32")
+
+    def step(x, target, h, W, U, b, *rest):
+        z = pt.dot(x, W) + pt.dot(h, U) + b
+        if w.name == "A":
+            h = pt.special.softmax(z, axis=-1)
+            loss = -pt.sum(target * pt.log(h))
+        else:
+            h = pt.tanh(z)
+            loss = pt.sum((pt.dot(h, rest[0]) - target) ** 2)
+        return h, loss
+
+    names = list(w.params)
+    (_, losses), _ = pytensor.scan(
+        step,
+        sequences=[xs, targets],
+        outputs_info=[h0, None],
+        non_sequences=[shared[k] for k in names],
+        truncate_gradient=truncate_gradient,
+        strict=True,
+    )
+    loss = pt.sum(losses) / w.normaliser()
+    grads = pytensor.grad(loss, [shared[k] for k in names])
+    start = time.perf_counter()
+    fn = pytensor.function([xs, targets], [loss, *grads], mode=Mode(linker="cvm"))
+    compile_s = time.perf_counter() - start
+    out = fn(w.xs, w.targets)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(w.xs, w.targets)
+        times.append(time.perf_counter() - start)
+    result = (np.asarray(out[0]), {k: np.asarray(g) for k, g in zip(names, out[1:], strict=True)})
+    return compile_s, statistics.median(times), result
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checks
+# --------------------------------------------------------------------------------------------
+
+
+def directional_fd_check(w: Workload, grads) -> tuple[bool, float]:
+    """<grad, v> against a float64 central difference of the hand-written loss along v."""
+    rng = np.random.default_rng(1)
+    direction = {k: rng.standard_normal(v.shape) for k, v in w.params.items()}
+    with jax.enable_x64():
+        params, xs, targets = w.device_args(jnp.float64)
+        loss = jax.jit(lambda p: hand_full(w)(p, xs, targets)[0])
+        eps = 1e-4
+        plus = jax.tree.map(lambda p, d: p + eps * d, params, direction)
+        minus = jax.tree.map(lambda p, d: p - eps * d, params, direction)
+        fd = (float(loss(plus)) - float(loss(minus))) / (2 * eps)
+    ad = sum(float(np.vdot(grads[k].astype(np.float64), direction[k])) for k in direction)
+    scale = sum(float(np.linalg.norm(grads[k]) * np.linalg.norm(direction[k])) for k in direction)
+    error = abs(ad - fd) / scale
+    return error < 1e-4, error
+
+
+def same_gradient(grads, reference, rtol: float = 2e-3) -> tuple[bool, float]:
+    """Largest difference relative to the reference's largest entry, over all leaves."""
+    worst = 0.0
+    for k, ref in reference.items():
+        scale = max(float(np.max(np.abs(ref))), 1e-30)
+        worst = max(worst, float(np.max(np.abs(np.asarray(grads[k]) - ref))) / scale)
+    return worst < rtol, worst
+
+
+# --------------------------------------------------------------------------------------------
+# Speed
+# --------------------------------------------------------------------------------------------
+
+
+def speed(workload_name: str, steps: int, repeats: int, with_pytensor: bool):
+    w = Workload(workload_name, steps)
+    args = w.device_args()
+    rows = []
+
+    def add(name, timing, reference, check_label):
+        compile_s, run_s, (_, grads) = timing
+        ok, err = same_gradient(grads, reference)
+        rows.append(
+            {
+                "method": name,
+                "compile_s": compile_s,
+                "run_ms": run_s * 1e3 if ok else None,
+                "check": f"{'ok' if ok else 'WRONG'} vs {check_label} ({err:.0e})",
+            }
+        )
+        return run_s if ok else None
+
+    hand = time_jax(hand_full(w), args, repeats)
+    fd_ok, fd_err = directional_fd_check(w, hand[2][1])
+    rows.append(
+        {
+            "method": "hand-written lax.scan",
+            "compile_s": hand[0],
+            "run_ms": hand[1] * 1e3 if fd_ok else None,
+            "check": f"{'ok' if fd_ok else 'WRONG'} vs float64 FD ({fd_err:.0e})",
+        }
+    )
+    reference = hand[2][1]
+    times = {"hand": hand[1] if fd_ok else None}
+    times["Full"] = add(
+        "gradkit Full()", time_jax(gradkit_scan(w, None), args, repeats), reference, "hand"
+    )
+    for k in (1, 10, 100):
+        ref_k = jax.tree.map(np.asarray, jax.jit(hand_chunked(w, k))(*args)[1])
+        times[f"Chunked({k})"] = add(
+            f"gradkit Chunked({k})",
+            time_jax(gradkit_scan(w, Chunked(k)), args, repeats),
+            ref_k,
+            f"hand TBPTT({k},{k})",
+        )
+        if k == 100 and w.name == "B":
+            times["tbptt"] = add(
+                "gradkit tbptt_value_and_grad(k1=k2=100)",
+                time_jax(gradkit_tbptt(w, 100, 100), args, repeats),
+                ref_k,
+                "hand TBPTT(100,100)",
+            )
+    tail_ref = jax.tree.map(np.asarray, jax.jit(hand_tail(w, 100))(*args)[1])
+    times["TheanoTail(100)"] = add(
+        "gradkit TheanoTail(100)",
+        time_jax(gradkit_scan(w, TheanoTail(100)), args, repeats),
+        tail_ref,
+        "hand tail(100)",
+    )
+    if with_pytensor:
+        times["pytensor"] = add(
+            "PyTensor scan (C), full", time_pytensor(w, -1, repeats), reference, "hand"
+        )
+        times["pytensor100"] = add(
+            "PyTensor scan (C), truncate_gradient=100",
+            time_pytensor(w, 100, repeats),
+            tail_ref,
+            "hand tail(100)",
+        )
+    return rows, times
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def print_speed_table(workload_name, steps, rows, times):
+    print(
+        f"\nWorkload {workload_name}, T = {steps:,}, batch {BATCH} "
+        f"({'2 -> 2 softmax' if workload_name == 'A' else '32 -> 128 tanh'})"
+    )
+    print(f"| {'method':<42} | {'compile s':>9} | {'run ms (median)':>15} | gradient check |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 17}|----------------|")
+    for r in rows:
+        run = "-" if r["run_ms"] is None else f"{r['run_ms']:.1f}"
+        print(f"| {r['method']:<42} | {r['compile_s']:>9.2f} | {run:>15} | {r['check']} |")
+    targets = [
+        ("gradkit Full / hand lax.scan", ratio(times["Full"], times["hand"]), 1.05),
+        *(
+            (
+                f"gradkit Chunked({k}) / gradkit Full",
+                ratio(times[f"Chunked({k})"], times["Full"]),
+                1.10,
+            )
+            for k in (1, 10, 100)
+        ),
+    ]
+    if "pytensor" in times:
+        targets += [
+            ("gradkit Full / PyTensor full", ratio(times["Full"], times["pytensor"]), 0.5),
+            (
+                "gradkit TheanoTail(100) / PyTensor truncate_gradient=100",
+                ratio(times["TheanoTail(100)"], times["pytensor100"]),
+                0.5,
+            ),
+            (
+                "gradkit Chunked(100) / PyTensor truncate_gradient=100",
+                ratio(times["Chunked(100)"], times["pytensor100"]),
+                0.5,
+            ),
+        ]
+    print("\nratios (target):")
+    for name, value, target in targets:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        verdict = "" if value is None else ("met" if value <= target else "NOT met")
+        print(f"  {name:<58} {shown:>6}  (<= {target})  {verdict}")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (one configuration per subprocess)
+# --------------------------------------------------------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(config: str, steps: int) -> None:
+    """Runs one value-and-gradient call and prints its peak RSS as JSON."""
+    w = Workload("B", steps)
+    args = jax.block_until_ready(w.device_args())
+    if config == "full":
+        fn = gradkit_scan(w, None)
+    elif config == "sqrt":
+
+        def fn(params, xs, targets):
+            def loss(params):
+                def step(h, inputs):
+                    x, target = inputs
+                    h = w.cell(params, h, x)
+                    return h, w.step_loss(params, h, target)
+
+                _, losses = scan(step, w.h0(), (xs, targets), remat="sqrt")
+                return jnp.sum(losses) / w.normaliser()
+
+            return jax.value_and_grad(loss)(params)
+    else:
+        fn = gradkit_tbptt(w, 100, 100)
+    compiled = jax.jit(fn).lower(*args).compile()
+    try:  # reset the high-water mark so that compilation does not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = _rss_kib("VmRSS")
+    loss, grads = jax.block_until_ready(compiled(*args))
+    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "config": config,
+                "peak_mib": peak / 1024,
+                "before_mib": before / 1024,
+                "peak_reset": reset,
+                "loss": float(loss),
+                "grads": {k: np.asarray(v).ravel()[:64].tolist() for k, v in grads.items()},
+            }
+        )
+    )
+
+
+def memory(steps: int):
+    results = {}
+    for config in ("full", "sqrt", "tbptt"):
+        completed = subprocess.run(
+            [sys.executable, __file__, "--memory-child", config, "--steps", str(steps)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            print(completed.stdout + completed.stderr)
+            raise SystemExit(f"memory run {config!r} failed")
+        results[config] = json.loads(completed.stdout.strip().splitlines()[-1])
+    full, sqrt = results["full"], results["sqrt"]
+    same = all(
+        np.allclose(full["grads"][k], sqrt["grads"][k], rtol=1e-4, atol=1e-7) for k in full["grads"]
+    )
+    labels = {
+        "full": "full BPTT (gradkit Full())",
+        "sqrt": 'full BPTT, remat="sqrt"',
+        "tbptt": "tbptt_value_and_grad(k1=k2=100)",
+    }
+    print(f"\nMemory: workload B, T = {steps:,}, one value_and_grad call, each in a subprocess")
+    print(
+        f"| {'configuration':<34} | {'peak RSS MiB':>12} | {'RSS before call':>15} | "
+        f"{'peak - before':>13} |"
+    )
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 17}|{'-' * 15}|")
+    for config, r in results.items():
+        print(
+            f"| {labels[config]:<34} | {r['peak_mib']:>12.0f} | {r['before_mib']:>15.0f} | "
+            f"{r['peak_mib'] - r['before_mib']:>13.0f} |"
+        )
+    growth = {c: r["peak_mib"] - r["before_mib"] for c, r in results.items()}
+    print(f"  remat='sqrt' gradient equals full BPTT's: {'yes' if same else 'NO'}")
+    print(
+        f"  streaming / full, peak RSS: {results['tbptt']['peak_mib'] / full['peak_mib']:.2f}; "
+        f"growth during the call: {growth['tbptt'] / growth['full']:.3f} (target <= 0.2)"
+    )
+    if not full["peak_reset"]:
+        print("  (the kernel refused to reset the high-water mark; peaks include compilation)")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: T = 1,000, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per entry")
+    parser.add_argument("--no-pytensor", action="store_true", help="skip the PyTensor columns")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--memory-child", choices=("full", "sqrt", "tbptt"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.steps)
+        return 0
+    steps = 1_000 if args.quick else 10_000
+    memory_steps = 10_000 if args.quick else 100_000
+    repeats = args.repeats or (2 if args.quick else 7)
+    with_pytensor = not args.no_pytensor
+    if with_pytensor:
+        with_pytensor, why = pytensor_available()
+        if not with_pytensor:
+            print(why)
+    print(
+        f"gradkit recurrent benchmark: jax {jax.__version__} on {jax.default_backend()} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
+        f"median of {repeats} runs after a warm-up"
+    )
+    if with_pytensor:
+        import pytensor
+
+        print(f"PyTensor {pytensor.__version__}, C backend (linker cvm), floatX float32")
+    for name in ("A", "B"):
+        rows, times = speed(name, steps, repeats, with_pytensor)
+        print_speed_table(name, steps, rows, times)
+    if not args.no_memory:
+        memory(memory_steps)
+    print("\nGPU: not measured (no GPU on this machine).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
