@@ -206,8 +206,9 @@ def sigmoid(x: ArrayLike) -> jax.Array:
 
     The derivative is computed as :math:`\sigma(1-\sigma)`, exactly as ``jax.nn.sigmoid`` does, so
     it is **exactly zero** where :math:`\sigma` rounds to 1 (float32: :math:`x \gtrsim 16.64`;
-    float64: :math:`x \gtrsim 36.7`) and where :math:`\sigma` underflows (float32:
-    :math:`x \lesssim -87.3` on CPU, which flushes subnormals). ``get("sigmoid").zero_grad_mask``
+    float64: :math:`x \gtrsim 36.74`) and where :math:`\sigma` underflows (float32:
+    :math:`x \lesssim -87.34`, float64: :math:`x \lesssim -708.4` on CPU, which flushes
+    subnormals to zero). ``get("sigmoid").zero_grad_mask``
     reports exactly those points.
 
     Args:
@@ -237,8 +238,8 @@ def tanh(x: ArrayLike) -> jax.Array:
     .. math::
       \tanh(x) = \frac{e^{x} - e^{-x}}{e^{x} + e^{-x}}, \qquad \tanh'(x) = 1 - \tanh^2(x).
 
-    The derivative is exactly zero where :math:`\tanh` rounds to :math:`\pm 1` (float32 on XLA's
-    CPU kernel: :math:`|x| \gtrsim 7.9`).
+    The derivative is exactly zero where :math:`\tanh` rounds to :math:`\pm 1` (with XLA's CPU
+    kernels: float32 :math:`|x| \gtrsim 8.0`, float64 :math:`|x| \gtrsim 20`).
 
     Args:
       x: floating-point array or Python float.
@@ -548,11 +549,24 @@ def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
     return _leaky_relu(x, _param(negative_slope, x.dtype, "leaky_relu", "negative_slope"))
 
 
-@jax.jit
-def _elu(x, alpha):
-    # The inner where keeps expm1 away from large positive x, whose inf derivative would turn the
-    # zero cotangent of the unselected branch into NaN.
+@jax.custom_jvp
+def _elu_core(x, alpha):
+    # The inner where keeps expm1 away from large positive x (its overflow is never selected).
     return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.where(x > 0, 0.0, x)))
+
+
+@_elu_core.defjvp
+def _elu_core_jvp(primals, tangents):
+    # Autodiff of expm1 computes exp(x) as expm1(x) + 1, which rounds to 0 once expm1(x) rounds to
+    # -1 (float32 x < -17.3); exp(x) itself stays accurate down to its underflow.
+    (x, alpha), (t_x, t_alpha) = primals, tangents
+    negative = jnp.where(x > 0, 0.0, x)
+    slope = jnp.where(x > 0, 1.0, alpha * jnp.exp(negative))
+    d_alpha = jnp.where(x > 0, 0.0, jnp.expm1(negative))
+    return _elu_core(x, alpha), slope * t_x + d_alpha * t_alpha
+
+
+_elu = jax.jit(_elu_core)
 
 
 def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
@@ -563,9 +577,12 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
       f'(x) = \begin{cases} 1, & x > 0 \\ \alpha\,e^{x}, & x \le 0. \end{cases}
 
     :math:`f'(0) = \alpha` (the :math:`x \le 0` branch, as jax.nn and PyTorch); for the default
-    :math:`\alpha = 1` the derivative is continuous. It underflows to exactly zero for very
-    negative :math:`x` (float32 about :math:`x < -87.3`, float64 about :math:`x < -708`, where CPU
-    flushes subnormals to zero).
+    :math:`\alpha = 1` the derivative is continuous. The derivative is computed as
+    :math:`\alpha e^{x}` by a ``custom_jvp``: plain autodiff of ``expm1`` computes
+    :math:`e^{x}` as ``expm1(x) + 1``, which is exactly 0 for :math:`x \lesssim -17.3` in float32
+    (so ``jax.nn.elu``'s gradient vanishes there); here it underflows only where :math:`e^{x}` does
+    (float32 :math:`x \lesssim -87.3`, float64 :math:`x \lesssim -708.4` on CPU, which flushes
+    subnormals to zero).
 
     Args:
       x: floating-point array or Python float.
@@ -1321,7 +1338,7 @@ _builtin(
     "tanh(x)",
     "1 - tanh(x)**2",
     (-1.0, 1.0),
-    "none mathematically; in floating point where tanh rounds to +-1 (float32 |x| >~ 7.9)",
+    "none mathematically; in floating point where tanh rounds to +-1 (float32 |x| >~ 8.0)",
     1.0,
 )
 _builtin("identity", identity, "x", "1", (-_INF, _INF), "none", 1.0)

@@ -316,6 +316,19 @@ def test_derivative_conventions_differ_from_plain_autodiff_where_documented():
     assert float(jax.grad(activations.hard_tanh)(1.0)) == 0.0
 
 
+def test_elu_derivative_is_accurate_where_autodiff_of_expm1_rounds_to_zero():
+    x = jnp.asarray([-17.0, -20.0, -40.0, -80.0], jnp.float32)
+    grads = jax.jit(jax.vmap(jax.grad(activations.elu)))(x)
+    np.testing.assert_allclose(np.asarray(grads), np.exp(np.asarray(x, np.float64)), rtol=1e-6)
+    assert np.all(np.asarray(jax.vmap(jax.grad(jax.nn.elu))(x))[1:] == 0)  # what it replaces
+    selu_grads = jax.jit(jax.vmap(jax.grad(activations.selu)))(x)
+    np.testing.assert_allclose(
+        np.asarray(selu_grads),
+        SELU_SCALE * SELU_ALPHA * np.exp(np.asarray(x, np.float64)),
+        rtol=1e-6,
+    )
+
+
 def test_ultra_fast_sigmoid_second_derivative_follows_the_rule():
     with jax.enable_x64(True):
         x = jnp.asarray([0.5, 1.0, 2.0, 4.0, 7.0])
