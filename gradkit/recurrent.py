@@ -145,6 +145,8 @@ class Window(Truncation):
     same k-step horizon. This needs a custom VJP (the reverse pass keeps the last k
     carry-adjoints apart, k carry-VJPs per step), so only reverse-mode differentiation
     (``grad``, ``vjp``, and forward-over-reverse) is supported; ``jax.jvp`` raises ``TypeError``.
+    The reverse pass stores the carry entering every step (every c-th step with ``remat=c``,
+    recomputing the chunk) and recomputes each step's VJP from it.
 
     Args:
       k: window length in steps, ``k >= 1``; ``k >= T`` equals :class:`Full`.
