@@ -15,6 +15,7 @@ Python.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import sys
@@ -886,6 +887,11 @@ def fit(
             writer.close()
 
 
+# Steps the host may launch ahead of the newest step whose metrics it has read. The device
+# always has work queued while the host logs, checkpoints or waits to be scheduled.
+_MAX_STEPS_IN_FLIGHT = 4
+
+
 class _Pending(NamedTuple):
     step: int
     before: TrainState
@@ -1019,7 +1025,7 @@ class _Run:
         if self.total is not None and start >= self.total:
             return self.state, self.history
         bar = _progress_bar(options["progress"], self.total, start)
-        pending: _Pending | None = None
+        queue: collections.deque[_Pending] = collections.deque()
         self.stopped = False
         number = start  # counted on the host: reading state.step would wait for the device
         try:
@@ -1027,25 +1033,27 @@ class _Run:
                 before = self.state
                 after, metrics = self.step_fn(before, *args)
                 number += 1
-                launched = _Pending(number, before, after, metrics, batch)
+                queue.append(_Pending(number, before, after, metrics, batch))
                 self.state = after
-                if pending is not None:
-                    finished, pending = pending, None
-                    self._consume(finished, bar)
-                    if self.stopped:
-                        break
-                pending = launched
-            if pending is not None:
-                finished, pending = pending, None
-                self._consume(finished, bar)
+                # Host work for finished steps only; wait only when too many are in flight.
+                while (
+                    queue
+                    and not self.stopped
+                    and (len(queue) > _MAX_STEPS_IN_FLIGHT or queue[0].metrics.is_ready())
+                ):
+                    self._consume(queue.popleft(), bar)
+                if self.stopped:
+                    break
+            while queue and not self.stopped:
+                self._consume(queue.popleft(), bar)
             if number == start:
                 raise ValueError("fit: data yielded no batches")
         except KeyboardInterrupt:
-            if pending is not None:
-                try:
-                    self._consume(pending, bar, run_callbacks=False)
-                except NonFiniteLossError:
-                    pass
+            try:
+                while queue:
+                    self._consume(queue.popleft(), bar, run_callbacks=False)
+            except NonFiniteLossError:
+                pass
             self._finish(bar, final_eval=False)
             where = f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else ""
             print(
