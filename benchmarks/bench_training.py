@@ -8,7 +8,8 @@ An MLP 784-512-512-10 (ReLU, softmax cross-entropy, Adam 1e-3) on random float32
   the end. The leanest loop a user would write.
 * ``fit (arrays)``: ``fit(loss, params, (x, y), optimizer, steps=..., batch_size=128)``: it
   reshuffles every epoch, gathers the batch inside the compiled step, computes the gradient
-  norm, reads every step's metrics back (one step late) into the History and checks them for NaN.
+  norm, reads every step's metrics back (a few steps late) into the History and checks them
+  for NaN.
 * ``fit (iterable)``: ``fit`` given the same device batches as the hand-written loop.
 
 Throughput excludes compilation and start-up: every variant is timed for ``--steps`` steps and

@@ -8,9 +8,9 @@ scalars, atomic checkpoints that resume bit for bit, NaN stops and data parallel
 the final state and a :class:`History`. :func:`tutorial_momentum` is seed 001's momentum rule as
 an optax transform.
 
-Host work (progress bar, logging, checkpoints) happens while the next step already runs on the
-device: ``fit`` reads each step's metrics one step late, so the device is never idle waiting for
-Python.
+Host work (progress bar, logging, checkpoints) happens while the next steps already run on the
+device: ``fit`` launches up to four steps ahead and handles each step's metrics once that step has
+finished, so the device does not sit idle waiting for Python.
 """
 
 from __future__ import annotations
