@@ -304,7 +304,7 @@ def test_derivative_at_kinks_is_exactly_the_documented_value(name, params, x, ex
         act = get(name, **params)
         value = jnp.asarray(x, dtype)
         expected = np.asarray(expected, dtype)
-        assert np.asarray(jax.jit(jax.grad(act))(value)) == expected
+        assert np.asarray(jax.grad(act)(value)) == expected
         assert np.asarray(act.derivative_at(value)) == expected
 
 
@@ -352,14 +352,14 @@ def test_parameters_are_differentiable():
 @pytest.mark.parametrize("case", CASES)
 def test_dtype_is_preserved(case):
     act = _activation(case)
+    dtypes = (jnp.float16, jnp.bfloat16, jnp.float32)
 
-    @jax.jit
-    def value_and_grad(v):
-        return act(v), jax.grad(lambda u: act(u).sum())(v)
+    @jax.jit  # one compilation for the three dtypes
+    def values_and_grads(xs):
+        return [(act(v), jax.grad(lambda u: act(u).sum())(v)) for v in xs]
 
-    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
-        x = jnp.asarray(np.linspace(-4, 4, 12), dtype)
-        out, grad = value_and_grad(x)
+    inputs = [jnp.asarray(np.linspace(-4, 4, 12), dtype) for dtype in dtypes]
+    for dtype, x, (out, grad) in zip(dtypes, inputs, values_and_grads(inputs), strict=True):
         assert out.dtype == dtype and grad.dtype == dtype, (case, dtype)
         tolerance = 2e-2 if dtype != jnp.float32 else 1e-5
         expected = REFERENCES[case][0](np.asarray(x, np.float32).astype(np.float64))
