@@ -109,6 +109,7 @@ class Derivative:
       right: the extrapolated forward one-sided slope.
       side_error: the error bar of the one-sided slopes.
       finite: whether every evaluation used was finite.
+      magnitude: the largest ``|f|`` among the evaluations (what rounding is relative to).
     """
 
     value: jax.Array
@@ -117,11 +118,12 @@ class Derivative:
     right: jax.Array
     side_error: jax.Array
     finite: jax.Array
+    magnitude: jax.Array
 
 
 jax.tree_util.register_dataclass(
     Derivative,
-    data_fields=["value", "error", "left", "right", "side_error", "finite"],
+    data_fields=["value", "error", "left", "right", "side_error", "finite", "magnitude"],
     meta_fields=[],
 )
 
@@ -133,6 +135,7 @@ def derivative_from_evaluations(
     step_sizes: jax.Array,
     eps: float,
     rounding: jax.Array | None = None,
+    magnitude: jax.Array | None = None,
 ) -> Derivative:
     """Turns evaluations ``f(x)``, ``f(x + h_k v)``, ``f(x - h_k v)`` into a :class:`Derivative`.
 
@@ -145,6 +148,7 @@ def derivative_from_evaluations(
       rounding: the rounding error of the central difference, if the caller knows it better
         (for a projection, the projection of the elementwise rounding errors); by default it is
         estimated from the evaluations.
+      magnitude: the size of ``f`` the rounding is relative to, if the caller knows it better.
 
     Returns:
       The derivative of ``h -> f(x + h v)`` at 0, elementwise over ``...``.
@@ -170,7 +174,12 @@ def derivative_from_evaluations(
         right=right_value,
         side_error=jnp.maximum(left_truncation, right_truncation) + 2 * rounding,
         finite=finite,
+        magnitude=_magnitude(center, plus, minus) if magnitude is None else magnitude,
     )
+
+
+def _magnitude(center, plus, minus):
+    return jnp.maximum(jnp.abs(center), jnp.max(jnp.maximum(jnp.abs(plus), jnp.abs(minus)), 0))
 
 
 def rounding_error(
@@ -194,7 +203,7 @@ def rounding_error(
       The error estimate, shape ``(...)``.
     """
     moved = (plus[0] != minus[0]) | (plus[0] != center)
-    magnitude = jnp.maximum(jnp.abs(center), jnp.max(jnp.maximum(jnp.abs(plus), jnp.abs(minus)), 0))
+    magnitude = _magnitude(center, plus, minus)
     return jnp.where(moved, 4.0 * eps * magnitude / step_sizes[-1], 0.0)
 
 

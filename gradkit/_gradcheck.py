@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -414,7 +415,7 @@ class _Problem:
     # The output structure, and which of its leaves are differentiable.
     def _describe_outputs(self) -> None:
         try:
-            out = jax.eval_shape(lambda *a: self.f(*a), *self.args)
+            self.jaxpr, out = jax.make_jaxpr(lambda *a: self.f(*a), return_shape=True)(*self.args)
         except _TRACE_ERRORS as error:
             raise TypeError(
                 f"check_grads: {self.name} cannot be traced by JAX, so it cannot be "
@@ -476,16 +477,13 @@ class _Problem:
 
     def flat(self, *, cast=None) -> Callable[[list], jax.Array]:
         """``leaves -> concatenated float outputs`` (in ``cast`` if given)."""
-        out_dtype = cast or self.out_dtype
 
         def flat_f(leaves):
             out = self.f(*self.rebuild(leaves, cast=cast))
             out_leaves = jax.tree_util.tree_leaves(out)
-            parts = [
-                jnp.ravel(o).astype(out_dtype)
-                for o, ok in zip(out_leaves, self.out_float, strict=True)
-                if ok
-            ]
+            parts = [jnp.ravel(o) for o, ok in zip(out_leaves, self.out_float, strict=True) if ok]
+            common = cast or jnp.result_type(*parts)
+            parts = [p.astype(common) for p in parts]
             return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
         return flat_f
@@ -562,7 +560,7 @@ class _Judged:
     reason: np.ndarray  # for inconclusive: 0 noisy, 1 kink, 2 non-finite
 
 
-def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol) -> _Judged:
+def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol, reference_eps) -> _Judged:
     a = np.asarray(autodiff, np.float64)
     d = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), derivative)
     gap = np.abs(a - d.value)
@@ -572,7 +570,10 @@ def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol) -> _Judged:
     kink = np.abs(d.right - d.left) > 3.0 * (d.side_error + d.error) + tol_ad
     lo, hi = np.minimum(d.left, d.right), np.maximum(d.left, d.right)
     inside = (a >= lo - allowed) & (a <= hi + allowed)
-    noisy = 3.0 * d.error > 0.1 * (np.abs(d.value) + scale) + atol
+    # Too noisy: the error bar is a large fraction of the value and above the resolution a
+    # finite difference can reach at all (sqrt(eps) relative to |f|).
+    noise_floor = np.sqrt(reference_eps) * d.magnitude
+    noisy = 3.0 * d.error > np.maximum(0.1 * (np.abs(d.value) + scale), noise_floor) + atol
     status = np.where(
         ~finite,
         2,
@@ -684,29 +685,19 @@ class _Checker:
         return f"{mode} over {self.prefix}" if self.prefix else mode
 
     def _available_modes(self) -> tuple[str, ...]:
-        modes = []
-        flat_f = self.p.flat()
-        for mode in self.o.modes:
-            try:
-                if mode == "forward":
-                    jax.eval_shape(lambda xs: jax.jvp(flat_f, (xs,), (xs,)), self.p.leaves)
-                else:
-                    jax.eval_shape(lambda xs: jax.vjp(flat_f, xs), self.p.leaves)
-                modes.append(mode)
-            except _TRACE_ERRORS as error:
-                raise TypeError(
-                    f"check_grads: {self.p.name} cannot be traced by JAX: "
-                    f"{type(error).__name__}: {str(error).splitlines()[0]}"
-                ) from error
-            except TypeError as error:
-                self.p.skipped.append(
-                    f"{self.mode_name(mode)} mode at order {self.order}: not available "
-                    f"({str(error).splitlines()[0]})"
-                )
+        modes = list(self.o.modes)
+        blocking = _custom_vjp_names(self.p.jaxpr.jaxpr)
+        if "forward" in modes and blocking:
+            modes.remove("forward")
+            self.p.skipped.append(
+                f"{self.mode_name('forward')} mode at order {self.order}: not available, "
+                f"{self.p.name} calls jax.custom_vjp function(s) {sorted(blocking)}, which JAX "
+                "cannot differentiate in forward mode"
+            )
         if not modes:
             raise TypeError(
-                f"check_grads: neither requested mode {list(self.o.modes)} can differentiate "
-                f"{self.p.name}: " + "; ".join(self.p.skipped[-len(self.o.modes) :])
+                f"check_grads: modes={list(self.o.modes)} cannot differentiate {self.p.name}: "
+                + self.p.skipped[-1]
             )
         return tuple(modes)
 
@@ -731,10 +722,14 @@ class _Checker:
             )
             # Project onto each batch element's output cotangent (the reverse-mode check).
             projected = jax.vmap(
-                lambda p, m, h, c, r: fd.derivative_from_evaluations(
-                    *_project(center, p, m, c), h, eps, rounding=jnp.abs(c) @ r
+                lambda p, m, h, c, r, g: fd.derivative_from_evaluations(
+                    *_project(center, p, m, c),
+                    h,
+                    eps,
+                    rounding=jnp.abs(c) @ r,
+                    magnitude=jnp.abs(c) @ g,
                 )
-            )(plus, minus, hs, cotangents, vector_rounding)
+            )(plus, minus, hs, cotangents, vector_rounding, vector.magnitude)
             return vector, projected
 
         return run
@@ -778,13 +773,14 @@ class _Checker:
         flat_f = self.p.flat()
 
         def run(leaves, tangents, cotangents):
+            primal = flat_f(leaves)
             forward = reverse = None
             if want_forward:
                 forward = jax.vmap(lambda t: jax.jvp(flat_f, (leaves,), (t,))[1])(tangents)
             if want_reverse:
                 _, pullback = jax.vjp(flat_f, leaves)
                 reverse = jax.vmap(lambda c: pullback(c)[0])(cotangents)
-            return forward, reverse
+            return primal, forward, reverse
 
         return run
 
@@ -799,12 +795,13 @@ class _Checker:
         if compiled is None:
             compiled = self.timer.compile(self._ad_function(want_forward, want_reverse), *args)
             self._cache[key] = compiled
-        out = self.timer.run(compiled, *args)
+        primal, forward, reverse = self.timer.run(compiled, *args)
+        _raise_if_not_finite(self.p, primal)
         if want_forward:
             self.cost.jvps += tangents[0].shape[0]
         if want_reverse:
             self.cost.vjps += cotangents.shape[0]
-        return out
+        return forward, reverse
 
     # ---- the directional method
     def run_directional(self) -> None:
@@ -821,6 +818,7 @@ class _Checker:
         cot_draw = np.asarray(cot_draw.astype(self.p.out_dtype), np.float64)
         cotangents = cot_draw[[b % num_probes for b in range(batch)]]
         want_fwd, want_rev = "forward" in self.modes, "reverse" in self.modes
+        self._want = (want_fwd, want_rev)
         forward, reverse = self._evaluate_ad(tangents, cot_draw, want_fwd, want_rev)
         vector, projected = self._evaluate_fd(tangents, cotangents, leaf_ids)
         self.tangents, self.cotangents, self.reverse_grads = tangents, cot_draw, reverse
@@ -833,7 +831,7 @@ class _Checker:
                 value = np.asarray(der.value)
                 moved = value[value != 0]
                 rms = float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
-                judged = _judge(fwd_ad, der, np.abs(value) + rms, rtol, atol)
+                judged = _judge(fwd_ad, der, np.abs(value) + rms, rtol, atol, self._reference_eps())
                 self._add_row("forward", i, path, judged, fwd_ad, der, rows, vector_output=True)
             if want_rev:
                 grads = [np.asarray(reverse[i][b % num_probes], np.float64) for b in rows]
@@ -843,7 +841,14 @@ class _Checker:
                     [np.sqrt(np.sum((g * t) ** 2)) for g, t in zip(grads, dirs, strict=True)]
                 )
                 der = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], projected)
-                judged = _judge(rev_ad, der, np.abs(np.asarray(der.value)) + scale, rtol, atol)
+                judged = _judge(
+                    rev_ad,
+                    der,
+                    np.abs(np.asarray(der.value)) + scale,
+                    rtol,
+                    atol,
+                    self._reference_eps(),
+                )
                 self._add_row("reverse", i, path, judged, rev_ad, der, rows, vector_output=False)
 
     def _add_row(self, mode, leaf, path, judged: _Judged, ad, der, rows, *, vector_output):
@@ -907,29 +912,34 @@ class _Checker:
 
     # ---- narrowing a failing direction down to one element by bisection
     def _narrow(self, mode: str, leaf: int, batch_row: int) -> WorstElement | None:
+        """Bisects the failing direction of one leaf down to its worst element.
+
+        Each level compares autodiff and finite differences along the direction restricted to
+        each half of the remaining elements and keeps the half with the larger disagreement:
+        about ``log2(size)`` levels, each one call of the already compiled batch.
+        """
         shape = self.leaves64[leaf].shape
         size = int(np.prod(shape, dtype=np.int64))
         direction = self.tangents[leaf][batch_row].ravel()
         probe = batch_row % self.o.probes
-        cot = self.cotangents[probe]
         candidates = np.arange(size)
         while candidates.size > 1:
             half = candidates.size // 2
             parts = [candidates[:half], candidates[half:]]
-            ratios = []
+            directions = []
             for part in parts:
-                mask = np.zeros(size)
-                mask[part] = direction[part]
-                ratios.append(self._probe_ratio(mode, leaf, mask.reshape(shape), cot, probe))
+                masked = np.zeros(size)
+                masked[part] = direction[part]
+                directions.append(masked.reshape(shape))
+            results = self._probe(mode, leaf, directions, probe)
+            ratios = [float(np.max(judged.ratio)) for _, _, judged, _ in results]
             candidates = parts[int(np.argmax(ratios))]
         element = int(candidates[0])
         unit = np.zeros(size)
         unit[element] = 1.0
-        result = self._probe(mode, leaf, unit.reshape(shape), cot, probe)
-        a, der, judged, out_index = result
-        index_text = _index_text(element, shape)
+        a, der, judged, out_index = self._probe(mode, leaf, [unit.reshape(shape)], probe)[0]
         return WorstElement(
-            path=self.p.paths[leaf] + index_text,
+            path=self.p.paths[leaf] + _index_text(element, shape),
             output=None if out_index is None else self.p.output_name(out_index),
             order=self.order,
             mode=self.mode_name(mode),
@@ -940,35 +950,50 @@ class _Checker:
             error_bar=float(der.error),
         )
 
-    def _probe(self, mode, leaf, direction, cot, probe):
-        """Compares AD and FD along one direction of one leaf (a batch of one)."""
-        tangents = [np.zeros((1, *x.shape)) for x in self.leaves64]
-        tangents[leaf][0] = direction
-        vector, projected = self._evaluate_fd(tangents, cot[None], [leaf])
+    def _probe(self, mode, leaf, directions, probe):
+        """Compares AD and FD along directions of one leaf, reusing the compiled batch.
+
+        Returns one ``(autodiff, derivative, judged, output index)`` per direction, for the
+        worst output element in forward mode.
+        """
+        batch = self.tangents[0].shape[0]
+        results = []
+        for start in range(0, len(directions), batch):
+            chunk = directions[start : start + batch]
+            tangents = [np.zeros_like(t) for t in self.tangents]
+            for row, direction in enumerate(chunk):
+                tangents[leaf][row] = direction
+            cotangents = np.repeat(self.cotangents[probe][None], batch, axis=0)
+            vector, projected = self._evaluate_fd(tangents, cotangents, [leaf] * batch)
+            forward = None
+            if mode == "forward":
+                forward, _ = self._evaluate_ad(tangents, self.cotangents, *self._want)
+            for row, direction in enumerate(chunk):
+                results.append(
+                    self._judge_probe(mode, leaf, direction, probe, row, vector, projected, forward)
+                )
+        return results
+
+    def _judge_probe(self, mode, leaf, direction, probe, row, vector, projected, forward):
         rtol, atol = self.o.rtol, self.o.atol
         if mode == "reverse":
             grad = np.asarray(self.reverse_grads[leaf][probe], np.float64)
             a = float(np.sum(grad * direction))
-            der = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], projected)
+            der = jax.tree_util.tree_map(lambda x: np.asarray(x)[row], projected)
             scale = np.abs(der.value) + np.sqrt(np.sum((grad * direction) ** 2))
-            return a, der, _judge(a, der, scale, rtol, atol), None
-        (forward, _) = self._evaluate_ad(tangents, cot[None], True, False)
-        ad = np.asarray(forward[0], np.float64)
-        der = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], vector)
+            return a, der, _judge(a, der, scale, rtol, atol, self._reference_eps()), None
+        ad = np.asarray(forward[row], np.float64)
+        der = jax.tree_util.tree_map(lambda x: np.asarray(x)[row], vector)
         value = np.asarray(der.value)
         moved = value[value != 0]
         rms = float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
-        judged = _judge(ad, der, np.abs(value) + rms, rtol, atol)
+        judged = _judge(ad, der, np.abs(value) + rms, rtol, atol, self._reference_eps())
         k = int(np.argmax(np.where(np.isfinite(judged.ratio), judged.ratio, np.inf)))
         pick = jax.tree_util.tree_map(lambda x: np.asarray(x)[k], der)
         single = _Judged(
             *(np.asarray(getattr(judged, f.name))[k] for f in dataclasses.fields(judged))
         )
         return float(ad[k]), pick, single, k
-
-    def _probe_ratio(self, mode, leaf, direction, cot, probe) -> float:
-        _, _, judged, _ = self._probe(mode, leaf, direction, cot, probe)
-        return float(np.max(judged.ratio))
 
     # ---- the full method: every input element, one compiled call per leaf
     def run_full(self) -> None:
@@ -980,6 +1005,9 @@ class _Checker:
                 f"{MAX_FULL_JACOBIAN}; use method='directional'"
             )
         want_fwd, want_rev = "forward" in self.modes, "reverse" in self.modes
+        if not want_rev:
+            leaves = [jnp.asarray(x, d) for x, d in zip(self.leaves64, self.p.dtypes, strict=True)]
+            _raise_if_not_finite(self.p, jax.jit(self.p.flat())(leaves))
         reverse_jac = self._full_reverse_jacobian() if want_rev else None
         for i, path in enumerate(self.p.paths):
             fd_jac, fd_err, fwd_jac = self._full_columns(i, want_fwd)
@@ -1090,7 +1118,9 @@ class _Checker:
             _vector, projected = self._evaluate_fd(tangents, cot, [leaf])
             der = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], projected)
             a = float(ad_jac[out_index, element])
-            judged = _judge(a, der, float(scale[out_index, element]), rtol, atol)
+            judged = _judge(
+                a, der, float(scale[out_index, element]), rtol, atol, self._reference_eps()
+            )
             statuses.append(
                 (int(judged.status), float(judged.ratio), out_index, element, a, der, judged)
             )
@@ -1180,9 +1210,8 @@ def _derived_problems(problem: _Problem, seed: int) -> list[tuple[str, _Problem]
 
     def vjp_function(*leaves):
         flat_f = problem.flat()
-        _, pullback = jax.vjp(flat_f, list(leaves))
-        out_dtype = jnp.result_type(*leaves) if leaves else problem.out_dtype
-        return pullback(jnp.asarray(cot).astype(out_dtype))[0]
+        out, pullback = jax.vjp(flat_f, list(leaves))
+        return pullback(jnp.asarray(cot).astype(out.dtype))[0]
 
     def jvp_function(*leaves):
         flat_f = problem.flat()
@@ -1298,7 +1327,6 @@ def check_grads(
     if not isinstance(probes, (int, np.integer)) or probes < 1:
         raise ValueError(f"check_grads: probes must be a positive integer, got {probes!r}")
     problem = _Problem(f, args, argnums)
-    _check_finite_output(problem)
     use_float64 = float64_reference and fd.float64_available()
     reference_dtype = np.dtype(np.float64) if use_float64 else problem.dtype
     options = _Options(
@@ -1362,8 +1390,21 @@ def check_grads(
     return report
 
 
-def _check_finite_output(problem: _Problem) -> None:
-    out = problem.flat()(problem.leaves)
+def _custom_vjp_names(jaxpr) -> set[str]:
+    """Names of the custom_vjp functions called anywhere in ``jaxpr`` (they have no JVP)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_vjp_call":
+            sub = eqn.params.get("call_jaxpr")
+            info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+            names.add(getattr(info, "func_name", None) or "custom_vjp")
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _custom_vjp_names(sub)
+    return names
+
+
+def _raise_if_not_finite(problem: _Problem, out) -> None:
     bad = np.flatnonzero(~np.isfinite(np.asarray(out)))
     if bad.size:
         raise ValueError(

@@ -488,6 +488,7 @@ def _project_derivative(ders: list[fd.Derivative], cts) -> fd.Derivative:
         right=dot("right"),
         side_error=abs_dot("side_error"),
         finite=finite,
+        magnitude=abs_dot("magnitude"),
     )
 
 
