@@ -470,6 +470,7 @@ def memory_child(config: str, steps: int) -> None:
     """Runs one value-and-gradient call and prints its peak RSS as JSON."""
     w = Workload("B", steps)
     args = jax.block_until_ready(w.device_args())
+    w.xs = w.targets = None  # keep only the device copy of the inputs
     if config == "full":
         fn = gradkit_scan(w, None)
     elif config == "sqrt":
@@ -564,6 +565,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per entry")
     parser.add_argument("--no-pytensor", action="store_true", help="skip the PyTensor columns")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed section")
     parser.add_argument("--memory-child", choices=("full", "sqrt", "tbptt"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -587,7 +589,7 @@ def main(argv=None) -> int:
         import pytensor
 
         print(f"PyTensor {pytensor.__version__}, C backend (linker cvm), floatX float32")
-    for name in ("A", "B"):
+    for name in () if args.no_speed else ("A", "B"):
         rows, times = speed(name, steps, repeats, with_pytensor)
         print_speed_table(name, steps, rows, times)
     for note in sorted(PYTENSOR_NOTES):
