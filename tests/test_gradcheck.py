@@ -1,0 +1,368 @@
+"""Tests for gradkit.diagnostics.check_grads: verdicts, reports, kinks, modes, methods, errors."""
+
+import dataclasses
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradkit import _finite_differences as fd
+from gradkit.diagnostics import (
+    GradCheckReport,
+    GradientCheckError,
+    assert_grads_correct,
+    check_grads,
+)
+
+
+def mlp_loss(params, x):
+    hidden = jnp.tanh(x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"])
+    return jnp.mean((hidden @ params["dense_1"]["kernel"]) ** 2)
+
+
+def mlp_args(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    params = {
+        "dense_0": {
+            "kernel": jnp.asarray(rng.standard_normal((3, 4)), dtype),
+            "bias": jnp.asarray(rng.standard_normal(4), dtype),
+        },
+        "dense_1": {"kernel": jnp.asarray(rng.standard_normal((4, 2)), dtype)},
+    }
+    return params, jnp.asarray(rng.standard_normal((5, 3)), dtype)
+
+
+@jax.custom_jvp
+def wrong_at_element_3(x):
+    return jnp.sin(x)
+
+
+@wrong_at_element_3.defjvp
+def _wrong_at_element_3_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    slope = jnp.cos(x).at[3].multiply(-2.0)
+    return jnp.sin(x), slope * t
+
+
+def wrong_loss(params):
+    return jnp.sum(wrong_at_element_3(params["w"]) * params["v"])
+
+
+def wrong_args():
+    rng = np.random.default_rng(1)
+    return ({"w": jnp.asarray(rng.standard_normal(8), jnp.float32), "v": jnp.ones(8)},)
+
+
+@functools.cache
+def passing_report() -> GradCheckReport:
+    return check_grads(mlp_loss, *mlp_args())
+
+
+@functools.cache
+def failing_report() -> GradCheckReport:
+    return check_grads(wrong_loss, *wrong_args())
+
+
+# ---- verdicts and the report
+
+
+def test_correct_pytree_function_passes_with_one_row_per_leaf_and_mode():
+    report = passing_report()
+    assert report.verdict == "pass" and report.ok
+    leaves = {row.leaf for row in report.rows}
+    assert leaves == {
+        "params['dense_0']['bias']",
+        "params['dense_0']['kernel']",
+        "params['dense_1']['kernel']",
+        "x",
+    }
+    assert {(row.leaf, row.mode) for row in report.rows} == {
+        (leaf, mode) for leaf in leaves for mode in ("forward", "reverse")
+    }
+    assert report.dtype == "float32" and report.reference_dtype == "float64"
+
+
+def test_finite_difference_values_in_the_report_match_autodiff_within_the_bar():
+    for row in passing_report().rows:
+        assert row.abs_error <= row.tolerance
+        assert math.isclose(row.autodiff, row.finite_difference, rel_tol=1e-4, abs_tol=1e-6)
+        assert row.error_bar < 1e-8  # a float64 reference is far more precise than float32 AD
+
+
+def test_wrong_rule_fails_and_the_report_names_leaf_and_element():
+    report = failing_report()
+    assert report.verdict == "fail" and not report.ok
+    failing = {(row.leaf, row.mode) for row in report.rows if row.verdict == "fail"}
+    assert failing == {("params['w']", "forward"), ("params['w']", "reverse")}
+    assert all(row.verdict == "pass" for row in report.rows if row.leaf == "params['v']")
+    worst = report.worst
+    assert worst.path == "params['w'][3]"
+    x3 = float(wrong_args()[0]["w"][3])
+    # The narrowed element compares the partial derivatives themselves: -2 cos(x) vs cos(x).
+    assert worst.finite_difference == pytest.approx(math.cos(x3), rel=1e-6)
+    assert worst.autodiff == pytest.approx(-2 * math.cos(x3), rel=1e-5)
+    assert worst.abs_error == pytest.approx(3 * abs(math.cos(x3)), rel=1e-5)
+
+
+def test_str_says_which_side_is_which_and_gives_the_worst_element():
+    text = str(failing_report())
+    assert "FAIL" in text
+    assert "AD = autodiff" in text and "FD = finite differences" in text
+    assert "worst: params['w'][3]" in text
+    assert "cost:" in text and "function evaluations" in text
+
+
+def test_to_dict_is_json_and_html_renders():
+    data = json.loads(json.dumps(failing_report().to_dict()))
+    assert data["verdict"] == "fail" and data["ok"] is False
+    assert data["worst"]["path"] == "params['w'][3]"
+    assert {row["leaf"] for row in data["rows"]} == {"params['w']", "params['v']"}
+    html = failing_report()._repr_html_()
+    assert "<table>" in html and "FAIL" in html and "params[&#x27;w&#x27;][3]" in html
+
+
+def test_raise_if_failed_and_assert_grads_correct():
+    assert passing_report().raise_if_failed() is passing_report()
+    with pytest.raises(GradientCheckError, match=r"params\['w'\]\[3\]") as info:
+        failing_report().raise_if_failed()
+    assert info.value.report is failing_report()
+    assert isinstance(info.value, AssertionError)
+    assert assert_grads_correct(jnp.tanh, jnp.linspace(-1.0, 1.0, 5)).ok
+    with pytest.raises(GradientCheckError, match="wrong derivative rule") as info:
+        assert_grads_correct(wrong_loss, *wrong_args())
+    # assert_grads_correct localises by default.
+    assert info.value.report.location.culprit.primitive == "custom_jvp_call"
+
+
+def test_cost_of_a_directional_check_does_not_depend_on_input_size():
+    costs = []
+    for size in (10, 10_000):
+        x = jnp.linspace(-1.0, 1.0, size)
+        report = check_grads(lambda x: jnp.sum(jnp.sin(x) ** 2), x)
+        assert report.ok
+        costs.append(report.cost)
+    for cost in costs:
+        # 1 leaf x 2 probes x (3 steps x 2 signs) + f(x); 2 JVPs; 2 VJPs; AD and FD compiled once.
+        assert cost.function_evaluations == 2 * 6 + 1
+        assert cost.jvps == 2 and cost.vjps == 2 and cost.compilations == 2
+
+
+def test_seed_makes_runs_identical_and_can_be_changed():
+    args = mlp_args()
+    first, second = check_grads(mlp_loss, *args), check_grads(mlp_loss, *args)
+    assert [r.autodiff for r in first.rows] == [r.autodiff for r in second.rows]
+    other = check_grads(mlp_loss, *args, seed=7)
+    assert [r.autodiff for r in first.rows] != [r.autodiff for r in other.rows]
+
+
+def test_argnums_and_integer_leaves_are_left_alone_and_said_so():
+    def f(params, x):
+        return jnp.sum(jnp.sin(params["w"] * x) * params["steps"])
+
+    params = {"w": jnp.ones(3), "steps": jnp.array(2, jnp.int32)}
+    report = check_grads(f, params, jnp.arange(3.0), argnums=0)
+    assert report.ok
+    assert {row.leaf for row in report.rows} == {"params['w']"}
+    assert any("params['steps']: int32 leaf" in s for s in report.skipped)
+    assert any("x: not in argnums" in s for s in report.skipped)
+    assert "not checked: params['steps']" in str(report)
+
+
+def test_registered_dataclass_inputs_and_dict_outputs():
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Layer:
+        weight: jax.Array
+        scale: jax.Array
+
+    def f(layer, x):
+        y = jnp.tanh(layer.weight * x) * layer.scale
+        return {"sum": jnp.sum(y), "first": y[0], "count": jnp.array(3)}
+
+    report = check_grads(f, Layer(jnp.ones(3) * 0.5, jnp.array(2.0)), jnp.arange(3.0))
+    assert report.ok
+    assert {row.leaf for row in report.rows} == {"layer.weight", "layer.scale", "x"}
+    assert any("output['count']" in s for s in report.skipped)
+
+
+def test_jitted_function_and_float64_inputs():
+    with jax.enable_x64(True):
+        x = jnp.linspace(0.1, 2.0, 6, dtype=jnp.float64)
+        report = check_grads(jax.jit(lambda x: jnp.log(x) * jnp.exp(-x)), x)
+    assert report.ok and report.dtype == "float64"
+    # A float64 check is held to float64 tolerances.
+    assert all(row.tolerance < 1e-6 for row in report.rows)
+
+
+def test_forward_mode_only_and_reverse_mode_only():
+    x = jnp.linspace(-1.0, 1.0, 4)
+    forward = check_grads(jnp.sin, x, modes="forward")
+    reverse = check_grads(jnp.sin, x, modes=("reverse",))
+    assert [row.mode for row in forward.rows] == ["forward"]
+    assert [row.mode for row in reverse.rows] == ["reverse"]
+    assert forward.cost.vjps == 0 and reverse.cost.jvps == 0
+
+
+def test_custom_vjp_function_is_checked_in_reverse_mode_and_says_forward_is_unavailable():
+    @jax.custom_vjp
+    def cube(x):
+        return x**3
+
+    cube.defvjp(lambda x: (x**3, x), lambda x, ct: (3 * x**2 * ct,))
+    report = check_grads(lambda x: jnp.sum(cube(x)), jnp.arange(1.0, 4.0))
+    assert report.ok
+    assert [row.mode for row in report.rows] == ["reverse"]
+    assert any(
+        "forward mode at order 1: not available" in s and "cube" in s for s in report.skipped
+    )
+
+
+def test_second_order_checks_all_four_combinations():
+    report = check_grads(lambda x: jnp.sum(jnp.sin(x) * x**2), jnp.linspace(-1, 1, 5), order=2)
+    assert report.ok
+    modes = {row.mode for row in report.rows if row.order == 2}
+    assert modes == {
+        "forward over forward",
+        "reverse over forward",
+        "forward over reverse",
+        "reverse over reverse",
+    }
+
+
+def test_full_method_compares_every_element():
+    x = jnp.linspace(-1.0, 1.0, 7)
+    good = check_grads(lambda x: jnp.tanh(x) * jnp.sum(x), x, method="full")
+    assert good.ok and good.method == "full"
+    # One central difference per element (2 evaluations) plus f(x).
+    assert good.cost.function_evaluations == 2 * 7 + 1
+    bad = check_grads(wrong_loss, *wrong_args(), method="full", modes="reverse")
+    assert bad.verdict == "fail"
+    assert bad.worst.path == "params['w'][3]"
+    assert "1 Jacobian entry wrong" in next(r.note for r in bad.rows if r.verdict == "fail")
+
+
+def test_float32_reference_without_float64_is_still_honest():
+    x = jnp.linspace(-1.0, 1.0, 6)
+    smooth = check_grads(lambda x: jnp.sum(jnp.sin(x) ** 2), x, float64_reference=False)
+    assert smooth.reference_dtype == "float32"
+    assert smooth.verdict in ("pass", "inconclusive")
+    wrong = check_grads(wrong_loss, *wrong_args(), float64_reference=False)
+    assert wrong.verdict == "fail"
+
+
+# ---- kinks: never a false failure
+
+
+@pytest.mark.parametrize(
+    ("name", "f", "x"),
+    [
+        ("relu at 0", jax.nn.relu, jnp.zeros(1)),
+        (
+            "relu at 0 among others",
+            lambda x: jnp.sum(jax.nn.relu(x) * jnp.arange(1.0, 5.0)),
+            jnp.array([0.0, 1.0, 0.0, -1.0]),
+        ),
+        ("abs at 0", jnp.abs, jnp.array([0.0, 2.0])),
+        ("max with ties", jnp.max, jnp.array([1.0, 1.0, -1.0])),
+        ("maximum with ties", lambda x: jnp.maximum(x[0], x[1]), jnp.array([0.5, 0.5])),
+    ],
+)
+def test_kinks_pass_as_subgradients_or_are_inconclusive_never_fail(name, f, x):
+    for seed in (0, 1, 2):
+        report = check_grads(f, x, seed=seed)
+        assert report.verdict in ("pass", "inconclusive"), (name, str(report))
+
+
+def test_kink_report_gives_left_and_right_slopes():
+    report = check_grads(jax.nn.relu, jnp.zeros(1))
+    notes = " ".join(row.note for row in report.rows)
+    assert "kink" in notes and "subgradient" in notes
+
+
+def test_kink_outside_the_subgradient_range_is_inconclusive_with_slopes():
+    @jax.custom_jvp
+    def steep_relu(x):
+        return jnp.maximum(x, 0.0)
+
+    # At 0 the slope 3 lies outside [0, 1]: at a kink this is inconclusive, not a failure.
+    steep_relu.defjvp(lambda p, t: (steep_relu(p[0]), jnp.where(p[0] > 0, 1.0, 3.0) * t[0]))
+    report = check_grads(steep_relu, jnp.zeros(1), modes="forward")
+    assert report.verdict == "inconclusive"
+    assert "not between them" in report.rows[0].note
+    assert math.isfinite(report.worst.left_slope) and math.isfinite(report.worst.right_slope)
+
+
+# ---- bad input
+
+
+def test_bad_input_errors_name_the_problem():
+    x = jnp.arange(3.0)
+    with pytest.raises(TypeError, match=r"no differentiable output.*int32"):
+        check_grads(lambda x: jnp.argmax(x), x)
+    with pytest.raises(TypeError, match="cannot be traced by JAX"):
+        check_grads(lambda x: jnp.sin(x) * float(x[0]), x)
+    with pytest.raises(ValueError, match=r"input x has 1 NaN/Inf"):
+        check_grads(lambda x: jnp.sum(x), jnp.array([1.0, jnp.nan]))
+    with pytest.raises(ValueError, match=r"argnums=2 refers to argument\(s\) \[2\].*given 2"):
+        check_grads(lambda a, b: a * b, x, x, argnums=2)
+    with pytest.raises(TypeError, match="argnums must hold integers"):
+        check_grads(lambda a: a, x, argnums="0")
+    with pytest.raises(ValueError, match="selects no floating-point input"):
+        check_grads(lambda a, n: a * n, x, jnp.array(2), argnums=1)
+    with pytest.raises(ValueError, match=r"returns NaN/Inf at the given point.*output\[1\]"):
+        check_grads(lambda x: jnp.log(x), jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        check_grads(jnp.sin, x, method="exact")
+    with pytest.raises(ValueError, match="modes must be a subset"):
+        check_grads(jnp.sin, x, modes=("sideways",))
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        check_grads(jnp.sin, x, order=3)
+    with pytest.raises(TypeError, match="f must be callable"):
+        check_grads("sin", x)
+    with pytest.raises(TypeError, match="complex"):
+        check_grads(jnp.sin, x + 1j)
+
+
+# ---- the finite-difference estimates themselves
+
+
+def test_richardson_estimate_and_error_bar_against_exact_derivative():
+    for x0 in (-1.3, 0.2, 2.5):
+        hs = fd.steps(fd.base_step(np.float64))
+        with jax.enable_x64(True):
+            plus = jnp.exp(x0 + hs) * jnp.sin(x0 + hs)
+            minus = jnp.exp(x0 - hs) * jnp.sin(x0 - hs)
+            center = jnp.exp(x0) * jnp.sin(x0)
+            d = fd.derivative_from_evaluations(center, plus, minus, jnp.asarray(hs), 2.2e-16)
+        exact = math.exp(x0) * (math.sin(x0) + math.cos(x0))
+        actual_error = abs(float(d.value) - exact)
+        assert actual_error <= float(d.error) + 1e-15
+        assert float(d.error) < 1e-9 * max(1.0, abs(exact))
+        assert float(d.left) == pytest.approx(exact, rel=1e-7)
+        assert float(d.right) == pytest.approx(exact, rel=1e-7)
+
+
+def test_one_sided_slopes_at_a_kink():
+    hs = fd.steps(1e-3)
+    with jax.enable_x64(True):
+        d = fd.derivative_from_evaluations(
+            jnp.asarray(0.0),
+            jnp.abs(jnp.asarray(hs)),
+            jnp.abs(-jnp.asarray(hs)),
+            jnp.asarray(hs),
+            2.2e-16,
+        )
+    assert float(d.left) == pytest.approx(-1.0) and float(d.right) == pytest.approx(1.0)
+    assert float(d.value) == pytest.approx(0.0)
+
+
+def test_default_tolerances_follow_the_dtype():
+    from gradkit._gradcheck import default_rtol
+
+    assert default_rtol(np.float32) == pytest.approx(4 * math.sqrt(np.finfo(np.float32).eps))
+    assert default_rtol(np.float64) < 1e-7 < default_rtol(np.float32) < 2e-3
+    assert fd.base_step(np.float64) == pytest.approx(np.finfo(np.float64).eps ** 0.2)
