@@ -207,21 +207,26 @@ def tutorial_momentum(
 
 
 def global_norm(tree: PyTree) -> jax.Array:
-    r"""The Euclidean norm of all leaves of ``tree`` together, without float underflow.
+    r"""The Euclidean norm of all leaves of ``tree`` together, without float underflow or overflow.
 
     .. math::
 
        \|g\| = s \sqrt{\textstyle\sum_i (g_i / s)^2}, \qquad s = \max_i |g_i|
 
-    Scaling by the largest entry first keeps :math:`(g_i/s)^2` in range: ``optax.global_norm``
-    squares directly, so gradients below about 1e-19 in float32 square to 0 and their norm reads
-    0. Inf anywhere gives inf, NaN anywhere gives NaN.
+    Scaling by the largest entry keeps :math:`(g_i/s)^2` in range: ``optax.tree.norm`` (formerly
+    ``optax.global_norm``) squares directly, so gradients below about 1e-19 in float32 square to 0
+    and their norm reads 0, and norms above about 1e19 read inf. The plain sum of squares is
+    computed first and used when it lies in
+    :math:`[\sqrt{\mathrm{tiny}}, \infty)` (then entries lost to underflow change it by less
+    than :math:`n\sqrt{\mathrm{tiny}}` relatively); otherwise the scaled form is evaluated, in a
+    ``lax.cond``, so the common case costs one pass over the leaves. Inf anywhere gives inf, NaN
+    anywhere gives NaN. Half-precision leaves are summed in float32.
 
     Args:
       tree: a pytree of real arrays (empty leaves are skipped).
 
     Returns:
-      A scalar in the leaves' promoted dtype (float32 for an empty tree).
+      A scalar in the leaves' promoted dtype, at least float32.
 
     Example:
       >>> import jax.numpy as jnp
@@ -232,14 +237,20 @@ def global_norm(tree: PyTree) -> jax.Array:
     leaves = [leaf for leaf in leaves if leaf.size]
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    dtype = jnp.result_type(*leaves)
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
     leaves = [leaf.astype(dtype) for leaf in leaves]
-    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
-    scale = jnp.where(jnp.isfinite(largest) & (largest > 0), largest, jnp.ones((), dtype))
-    total = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
-    return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(total), largest)
+    plain = sum(jnp.sum(jnp.square(leaf)) for leaf in leaves)
+    safe = (plain >= jnp.sqrt(jnp.finfo(dtype).tiny)) & jnp.isfinite(plain)
+
+    def scaled(leaves: list[jax.Array]) -> jax.Array:
+        largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
+        scale = jnp.where(jnp.isfinite(largest) & (largest > 0), largest, jnp.ones((), dtype))
+        total = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
+        return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(total), largest)
+
+    return jax.lax.cond(safe, lambda leaves: jnp.sqrt(plain), scaled, leaves)
 
 
 def _check_optimizer(optimizer: Any) -> None:

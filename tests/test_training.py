@@ -110,7 +110,7 @@ def test_global_norm_matches_float64_numpy():
     np.testing.assert_allclose(jax.jit(global_norm)(tree32), np.linalg.norm(flat), rtol=1e-6)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-11, 1e-9, 1.0, 1e18, 1e20, 1e30])
 def test_global_norm_does_not_underflow_or_overflow_in_float32(scale):
     values = np.random.default_rng(3).normal(size=100) * scale
     tree = {"g": jnp.asarray(values, jnp.float32)}
@@ -118,6 +118,15 @@ def test_global_norm_does_not_underflow_or_overflow_in_float32(scale):
     np.testing.assert_allclose(global_norm(tree), expected, rtol=1e-5)
     if scale == 1e-30:  # the naive sum of squares underflows to zero
         assert float(optax.tree.norm(tree)) == 0.0
+
+
+def test_global_norm_under_vmap_and_in_half_precision():
+    values = np.array([[3.0, 4.0], [3e-30, 4e-30], [3e25, 4e25]], np.float32)
+    batched = jax.vmap(global_norm)({"g": jnp.asarray(values)})  # both branches, selected
+    np.testing.assert_allclose(batched, [5.0, 5e-30, 5e25], rtol=1e-6)
+    half = global_norm({"g": jnp.full(16, 300.0, jnp.float16)})  # 300**2 overflows float16
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, 1200.0, rtol=1e-6)
 
 
 def test_global_norm_propagates_inf_and_nan_and_handles_empty_trees():
