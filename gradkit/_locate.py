@@ -141,9 +141,12 @@ class EquationFinding:
         return data
 
     def __str__(self) -> str:
-        chain = " inside ".join(reversed(self.context)) if self.context else "top level"
+        what = self.primitive + (f" `{self.rule_name}`" if self.rule_name else "")
+        chain = (
+            "inside " + " inside ".join(reversed(self.context)) if self.context else "at top level"
+        )
         lines = [
-            f"wrong derivative rule: `{self.primitive}` ({chain})",
+            f"wrong derivative rule: {what} {chain}",
             f"  {self.problem}",
             f"  inputs {', '.join(self.inputs)} -> outputs {', '.join(self.outputs)}",
         ]
@@ -557,25 +560,21 @@ class _Walker:
         reason = _deviation_reason(eqn)
         if reason is not None:
             result = self.checker.check(eqn, ins, outs) if check else None
-            key = (name, id(eqn))
-            if key not in self._seen_deviations:
-                self._seen_deviations.add(key)
-                self.deviations.append(
-                    ExpectedDeviation(
-                        name,
-                        reason,
-                        _user_frame(eqn.source_info),
-                        context,
-                        None if result is None else not result.ok,
-                    )
-                )
+            self._record_deviation(eqn, reason, context, None if result is None else not result.ok)
             return
         if name in ("custom_jvp_call", "custom_vjp_call"):
             label = f"{name.split('_call')[0]} `{_rule_name(eqn)}`"
             if label not in self.custom_rules:
                 self.custom_rules.append(label)
-        if not check:
-            return
+        try:
+            if not check:
+                return
+            self._check_and_blame(eqn, ins, outs, context)
+        finally:
+            self._list_nested_deviations(eqn, context)
+
+    def _check_and_blame(self, eqn, ins, outs, context):
+        name = eqn.primitive.name
         result = self.checker.check(eqn, ins, outs)
         if result is None:
             return
@@ -590,6 +589,29 @@ class _Walker:
         self._descend(eqn, ins, context)
         if self.culprit is None:
             self.culprit = self._finding(eqn, ins, outs, context, result)
+
+    def _list_nested_deviations(self, eqn, context, source=None):
+        """Lists deviations inside sub-programs that were not descended into (not evaluated)."""
+        if eqn.primitive.name in ("custom_jvp_call", "custom_vjp_call"):
+            return  # the primal body of a custom rule is not what gets differentiated
+        source = source or _user_frame(eqn.source_info)
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            inner = (*context, eqn.primitive.name)
+            for nested in sub.eqns:
+                reason = _deviation_reason(nested)
+                if reason is not None:
+                    self._record_deviation(nested, reason, inner, None, source)
+                else:
+                    self._list_nested_deviations(nested, inner, source)
+
+    def _record_deviation(self, eqn, reason, context, mismatch, fallback_source=None):
+        if id(eqn) in self._seen_deviations:
+            return
+        self._seen_deviations.add(id(eqn))
+        source = _user_frame(eqn.source_info) or fallback_source
+        self.deviations.append(
+            ExpectedDeviation(eqn.primitive.name, reason, source, context, mismatch)
+        )
 
     def _descend(self, eqn, ins, context):
         name = eqn.primitive.name
