@@ -1039,10 +1039,12 @@ class _Run:
         queue: collections.deque[_Pending] = collections.deque()
         self.stopped = False
         number = start  # counted on the host: reading state.step would wait for the device
+        key = self.state.key  # constant during a run: kept out of the compiled step
         try:
             for args, batch in self._step_inputs():
                 before = self.state
-                after, metrics = self.step_fn(before, *args)
+                after, metrics = self.step_fn(before.replace(key=None), *args)
+                after = after.replace(key=key)
                 number += 1
                 queue.append(_Pending(number, before, after, metrics, batch))
                 self.state = after
