@@ -1,0 +1,198 @@
+"""Tests for the CI side of the checker: gradcheck_target, `gradkit check` and the pytest plugin."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import pytest
+
+from gradkit import _check_command, cli
+from gradkit.diagnostics import gradcheck_target
+
+pytest_plugins = ["pytester"]
+
+TARGETS = textwrap.dedent(
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import gradkit.diagnostics as gd
+
+
+    @gd.gradcheck_target(lambda: ({"w": jnp.linspace(-1.0, 1.0, 4)}, jnp.ones(4)))
+    def good(params, x):
+        return jnp.sum(jnp.tanh(params["w"] * x) ** 2)
+
+
+    @jax.custom_jvp
+    def bad_sin(x):
+        return jnp.sin(x)
+
+
+    @bad_sin.defjvp
+    def _bad_sin_jvp(primals, tangents):
+        return jnp.sin(primals[0]), 2.0 * jnp.cos(primals[0]) * tangents[0]  # the wrong line
+
+
+    @gd.gradcheck_target(lambda: jnp.linspace(0.1, 1.0, 3))
+    def bad(x):
+        return jnp.sum(bad_sin(x))
+
+
+    @jax.custom_jvp
+    def steep_relu(x):
+        return jnp.maximum(x, 0.0)
+
+
+    steep_relu.defjvp(lambda p, t: (steep_relu(p[0]), jnp.where(p[0] > 0, 1.0, 3.0) * t[0]))
+
+
+    @gd.gradcheck_target(lambda: (jnp.zeros(1),), modes="forward")
+    def kink(x):
+        # At the kink the slope 3 is outside [0, 1]: inconclusive, not a failure.
+        return steep_relu(x)
+
+
+    def undecorated(x):
+        return x
+    """
+)
+
+
+@pytest.fixture
+def targets_file(tmp_path):
+    path = tmp_path / "gradient_targets.py"
+    path.write_text(TARGETS)
+    return path
+
+
+def _wrong_line(path):
+    return 1 + next(i for i, l in enumerate(path.read_text().splitlines()) if "the wrong line" in l)
+
+
+def test_gradcheck_target_attaches_arguments_and_validates_options():
+    @gradcheck_target(lambda: jnp.ones(2), order=2)
+    def f(x):
+        return jnp.sum(x**3)
+
+    spec = f.__gradcheck__
+    assert spec.options == {"order": 2}
+    (x,) = spec.example_args()
+    assert x.shape == (2,)
+    with pytest.raises(TypeError, match="unknown check_grads option"):
+        gradcheck_target(lambda: 1.0, tolerance=3)
+    with pytest.raises(TypeError, match="example_args_factory must be a function"):
+        gradcheck_target(jnp.ones(2))
+
+
+def test_check_command_passing_target_exits_0(targets_file, capsys):
+    assert cli.main(["check", f"{targets_file}::good"]) == 0
+    out = capsys.readouterr().out
+    assert "check_grads(good): PASS" in out and "1 of 1 gradient check(s) passed" in out
+
+
+def test_check_command_failing_target_exits_1_and_names_the_line(targets_file, capsys, tmp_path):
+    report_path = tmp_path / "reports.json"
+    status = cli.main(["check", f"{targets_file}::bad", "--json", str(report_path)])
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and f"{targets_file}:{_wrong_line(targets_file)}" in out
+    (result,) = json.loads(report_path.read_text())
+    assert result["ok"] is False and result["report"]["verdict"] == "fail"
+    culprit = result["report"]["location"]["culprit"]
+    assert (
+        culprit["line"] == _wrong_line(targets_file) and culprit["primitive"] == "custom_jvp_call"
+    )
+
+
+def test_check_command_runs_every_target_of_a_file_or_module(targets_file, capsys, monkeypatch):
+    assert cli.main(["check", str(targets_file), "--no-locate"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("== ") == 3 and "1 of 3 gradient check(s) passed" in out
+    monkeypatch.syspath_prepend(str(targets_file.parent))
+    assert cli.main(["check", "gradient_targets:good"]) == 0
+    assert cli.main(["check", "gradient_targets", "--no-locate"]) == 1
+
+
+def test_inconclusive_is_configurable(targets_file, capsys):
+    assert cli.main(["check", f"{targets_file}::kink"]) == 1
+    assert "INCONCLUSIVE" in capsys.readouterr().out
+    assert cli.main(["check", f"{targets_file}::kink", "--allow-inconclusive"]) == 0
+
+
+def test_bad_targets_exit_2_with_a_message(targets_file, capsys):
+    assert cli.main(["check", f"{targets_file}::undecorated"]) == 2
+    assert "not decorated with @gradkit.gradcheck_target" in capsys.readouterr().err
+    assert cli.main(["check", f"{targets_file}::missing"]) == 2
+    assert "has no attribute 'missing'" in capsys.readouterr().err
+    assert cli.main(["check", "no_such_module_xyz:f"]) == 2
+    assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
+    assert cli.main(["check", "no/such/file.py"]) == 2
+    with pytest.raises(_check_command.TargetError, match="defines no function decorated"):
+        _check_command.resolve("json")
+
+
+def test_check_command_is_listed_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "check" in capsys.readouterr().out
+
+
+def test_console_script_runs_check(targets_file):
+    completed = subprocess.run(
+        [sys.executable, "-m", "gradkit.cli", "check", f"{targets_file}::good"],
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "PASS" in completed.stdout
+
+
+PLUGIN_TESTS = textwrap.dedent(
+    """
+    import jax
+    import jax.numpy as jnp
+
+
+    def test_good(gradcheck):
+        report = gradcheck(lambda x: jnp.sum(jnp.sin(x) ** 2), jnp.linspace(-1.0, 1.0, 3))
+        assert report.ok
+        assert report.dtype == ("float64" if X64 else "float32")
+
+
+    @jax.custom_jvp
+    def bad_sin(x):
+        return jnp.sin(x)
+
+
+    bad_sin.defjvp(lambda p, t: (jnp.sin(p[0]), -jnp.cos(p[0]) * t[0]))
+
+
+    def test_bad(gradcheck):
+        gradcheck(lambda x: jnp.sum(bad_sin(x)), jnp.linspace(0.1, 1.0, 3))
+    """
+)
+
+
+def test_plugin_is_registered_as_a_pytest11_entry_point():
+    points = importlib.metadata.entry_points(group="pytest11")
+    assert any(p.value == "gradkit._pytest_plugin" for p in points)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_pytest_plugin_fixture_passes_and_fails_with_the_report(pytester, x64):
+    pytester.makepyfile(test_plugin_use=f"X64 = {x64}\n" + PLUGIN_TESTS)
+    # The plugin is loaded through its pytest11 entry point, as in any project that installs
+    # gradkit.
+    result = pytester.runpytest(*(["--gradcheck-x64"] * x64))
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*gradient check FAIL*",
+            "*AD = autodiff*FD = finite differences*",
+            "*wrong derivative rule: custom_jvp_call*",
+        ]
+    )
