@@ -54,6 +54,29 @@ SCENARIOS: tuple[Scenario, ...] = (
         "seed 003: grad, jacobian, hessian, Rop, Lop, Hessian-vector products, and the "
         "derivative as a formula",
     ),
+    Scenario(
+        "truncation",
+        "recurrent_truncation.py",
+        "seed 002: why does a recurrent net with recurrent weights 0 get 1e-4 of the "
+        "finite-difference gradient with gradient_steps=1?",
+    ),
+    Scenario(
+        "checker",
+        "gradient_checker.py",
+        "seed 002, as a CI check: the feed-forward net's gradient passes, and a broken "
+        "custom_vjp is located to its line",
+    ),
+    Scenario(
+        "theano",
+        "theano_tutorial.py",
+        "seed 001: the Theano tutorial in pure JAX, and its momentum MLP on two Gaussian clusters",
+    ),
+    Scenario(
+        "vanishing",
+        "vanishing_gradients.py",
+        "seed 004: why does one more hidden layer with N(0, 1e-3) init stop a ReLU net "
+        "from learning?",
+    ),
 )
 
 
