@@ -889,7 +889,9 @@ class _Checker:
             )
         )
         probe = idx[0]
-        output = self.p.output_name(int(idx[1])) if vector_output else None
+        output = (
+            self.p.output_name(int(idx[1])) if vector_output and self.p.num_outputs > 1 else None
+        )
         worst = WorstElement(
             path=f"{path} (random direction {probe})",
             output=output,
@@ -951,7 +953,9 @@ class _Checker:
             )
         return WorstElement(
             path=self.p.paths[leaf] + _index_text(element, shape),
-            output=None if out_index is None else self.p.output_name(out_index),
+            output=None
+            if out_index is None or self.p.num_outputs == 1
+            else self.p.output_name(out_index),
             order=self.order,
             mode=self.mode_name(mode),
             autodiff=a,
