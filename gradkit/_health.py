@@ -514,13 +514,11 @@ def log_health(writer: Any, stats: PyTree, step: int, *, prefix: str = "health")
       TypeError: if ``stats`` holds something other than :class:`LeafStats`.
     """
     by_path = stats_by_path(stats)
-    layers: dict[str, list[float]] = {}
     for path, leaf in by_path.items():
         for field in _SCALAR_FIELDS:
             value = getattr(leaf, field)
             if value is not None:
                 writer.add_scalar(f"{prefix}/{path}/{field}", float(value), step)
-        layers.setdefault(layer_of(path), []).append(float(leaf.norm))
         if leaf.log2_histogram is None:
             continue
         counts = np.asarray(leaf.log2_histogram, dtype=np.int64)
@@ -541,9 +539,16 @@ def log_health(writer: Any, stats: PyTree, step: int, *, prefix: str = "health")
             bucket_counts=counts[nonzero[0] : nonzero[-1] + 1].tolist(),
             global_step=step,
         )
-    for layer, norms in layers.items():
-        norm = _host_combine(norms)
+    for layer, norm in layer_norms(by_path).items():
         writer.add_scalar(f"{prefix}/{layer}/grad_norm", norm, step)
+
+
+def layer_norms(by_path: Mapping[str, LeafStats]) -> dict[str, float]:
+    """Each layer's gradient norm (all its leaves together), from :func:`stats_by_path`."""
+    layers: dict[str, list[float]] = {}
+    for path, leaf in by_path.items():
+        layers.setdefault(layer_of(path), []).append(float(leaf.norm))
+    return {layer: _host_combine(norms) for layer, norms in layers.items()}
 
 
 def _host_combine(norms: list[float]) -> float:

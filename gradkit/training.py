@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gradkit import _checkpoint
+from gradkit import _checkpoint, _health
 
 __all__ = [
     "History",
@@ -303,6 +303,7 @@ def _make_step_body(
     has_aux: bool,
     clip_global_norm: float | None,
     check_dtypes: bool,
+    health_every: int | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure (un-jitted) step shared by :func:`make_train_step` and :func:`fit`."""
 
@@ -339,7 +340,7 @@ def _make_step_body(
                     f"aux[{name!r}] must be a scalar to go into the metrics, got shape "
                     f"{jnp.shape(value)}"
                 )
-            if name in ("loss", "grad_norm"):
+            if name in _RESERVED_METRICS:
                 raise ValueError(f"aux may not use the reserved metric name {name!r}")
         return loss, dict(aux)
 
@@ -354,9 +355,31 @@ def _make_step_body(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+        if health_every is not None:
+            metrics["health"] = _gated_health(
+                state.step % health_every == 0, grads, state.params, updates
+            )
+        return new_state, metrics
 
     return step
+
+
+_RESERVED_METRICS = ("loss", "grad_norm", "health")
+
+
+def _gated_health(due: jax.Array, grads: PyTree, params: PyTree, updates: PyTree) -> PyTree:
+    """:func:`gradkit.diagnostics.gradient_stats` when ``due``, zeros of the same structure
+    otherwise; the choice is made on the device (``lax.cond``), so skipped steps cost nothing."""
+
+    def compute() -> PyTree:
+        return _health.gradient_stats(grads, params, updates)
+
+    def skip() -> PyTree:
+        shapes = jax.eval_shape(compute)
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    return jax.lax.cond(due, compute, skip)
 
 
 def _validate_step_arguments(loss_fn: Any, optimizer: Any, clip_global_norm: float | None) -> None:
@@ -376,6 +399,7 @@ def make_train_step(
     has_aux: bool = False,
     clip_global_norm: float | None = None,
     check_dtypes: bool = True,
+    health_every: int | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
     r"""Returns a jitted, pure ``step(state, batch) -> (state, metrics)``.
 
@@ -393,10 +417,18 @@ def make_train_step(
       clip_global_norm: if set, gradients are scaled by :math:`\min(1, c / \|g\|)` before the
         optimizer (same rule as ``optax.clip_by_global_norm``, without adding optimizer state).
       check_dtypes: raise if floating data and params have different dtypes (default True).
+      health_every: if set to k, the metrics also hold ``"health"``: the per-leaf
+        :func:`gradkit.diagnostics.gradient_stats` of this step's gradients, params and updates
+        (underflow-safe norms, NaN/Inf counts, log2-magnitude histograms, update/param ratios),
+        computed inside the step when ``state.step`` (before the update) is a multiple of k and
+        zeros otherwise. The gate is evaluated on the device: no host sync, no retrace, and the
+        statistics cost nothing on the other steps. For any other optax loop, use
+        :func:`gradkit.diagnostics.health_monitor`.
 
     Returns:
       ``step(state, batch) -> (new_state, metrics)`` with metrics ``"loss"`` (at the params
-      before the update), ``"grad_norm"`` (before clipping) and the aux entries.
+      before the update), ``"grad_norm"`` (before clipping), the aux entries, and ``"health"``
+      with ``health_every``.
 
     Raises:
       TypeError: if ``optimizer`` is not an optax transform or ``loss_fn`` is not callable; at
@@ -413,12 +445,15 @@ def make_train_step(
       (4.0, 0.4)
     """
     _validate_step_arguments(loss_fn, optimizer, clip_global_norm)
+    if health_every is not None:
+        health_every = _positive_int(health_every, "health_every")
     body = _make_step_body(
         loss_fn,
         optimizer,
         has_aux=has_aux,
         clip_global_norm=clip_global_norm,
         check_dtypes=check_dtypes,
+        health_every=health_every,
     )
     return jax.jit(body)
 
@@ -720,6 +755,7 @@ def fit(
     has_aux: bool = False,
     clip_global_norm: float | None = None,
     check_dtypes: bool = True,
+    health_every: int | None = None,
 ) -> tuple[TrainState, History]:
     """Trains ``params`` to minimise ``loss_fn`` with ``optimizer``; returns ``(state, history)``.
 
@@ -786,6 +822,10 @@ def fit(
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux scalars join the metrics.
       clip_global_norm: clip gradients to this global norm (see :func:`make_train_step`).
       check_dtypes: refuse data whose float dtype differs from the params' (default True).
+      health_every: every k steps, compute gradient-health statistics inside the step (see
+        :func:`make_train_step`), record each layer's gradient norm in the history as
+        ``health/<layer>/grad_norm`` and, with ``log_dir``, write the per-leaf statistics and
+        log2-magnitude histograms with :func:`gradkit.diagnostics.log_health`.
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` and the :class:`History` (including
@@ -825,6 +865,8 @@ def fit(
         checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
     if keep_checkpoints is not None:
         keep_checkpoints = _positive_int(keep_checkpoints, "keep_checkpoints")
+    if health_every is not None:
+        health_every = _positive_int(health_every, "health_every")
 
     if mesh is None and data_parallel:
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -872,6 +914,7 @@ def fit(
         has_aux=has_aux,
         clip_global_norm=clip_global_norm,
         check_dtypes=check_dtypes,
+        health_every=health_every,
     )
     run = _Run(
         body=body,
@@ -890,6 +933,7 @@ def fit(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         progress=progress,
+        health_every=health_every,
     )
     try:
         return run.execute()
@@ -908,6 +952,7 @@ class _Pending(NamedTuple):
     before: TrainState
     after: TrainState
     metrics: jax.Array  # the step's metrics, stacked in the order of _Run.metric_names
+    health: PyTree | None  # gradient_stats of the step (valid on health_every steps only)
     batch: Callable[[], PyTree]
 
 
@@ -950,11 +995,12 @@ class _Run:
         new_state, metrics = self.body(state, batch)
         if self.replicated is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, self.replicated)
+        health = metrics.pop("health", None)
         # One array instead of a dict: reading the metrics back is then a single transfer.
         self.metric_names = tuple(sorted(metrics))
         values = [jnp.asarray(metrics[name]) for name in self.metric_names]
         dtype = jnp.result_type(jnp.float32, *values)
-        return new_state, jnp.stack([value.astype(dtype) for value in values])
+        return new_state, jnp.stack([value.astype(dtype) for value in values]), health
 
     def _gather(self, arrays: PyTree, order: jax.Array, offset: jax.Array) -> PyTree:
         size = self.batches.batch_size
@@ -1043,10 +1089,10 @@ class _Run:
         try:
             for args, batch in self._step_inputs():
                 before = self.state
-                after, metrics = self.step_fn(before.replace(key=None), *args)
+                after, metrics, health = self.step_fn(before.replace(key=None), *args)
                 after = after.replace(key=key)
                 number += 1
-                queue.append(_Pending(number, before, after, metrics, batch))
+                queue.append(_Pending(number, before, after, metrics, health, batch))
                 self.state = after
                 # Host work for finished steps only; wait only when too many are in flight.
                 while (
@@ -1112,9 +1158,20 @@ class _Run:
                 history=self.history,
                 checkpoint=self.last_checkpoint,
             )
-        self.history.record(step, values)
-        self.good = pending.after
         writer = options["writer"]
+        health_every = options["health_every"]
+        layer_norms = {}
+        if health_every is not None and (step - 1) % health_every == 0:
+            # The statistics are of the gradient taken at the params before this update.
+            stats = _health.stats_by_path(pending.health)
+            layer_norms = {
+                f"health/{layer}/grad_norm": norm
+                for layer, norm in _health.layer_norms(stats).items()
+            }
+            if writer is not None:
+                _health.log_health(writer, pending.health, step)
+        self.history.record(step, {**values, **layer_norms})
+        self.good = pending.after
         if writer is not None and step % options["log_every"] == 0:
             for name, value in values.items():
                 writer.add_scalar(f"train/{name}", value, step)

@@ -1,0 +1,112 @@
+"""Gradient-health statistics inside the training step (``health_every``) and in ``fit``."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gradkit import _tensorboard
+from gradkit.layers import MLP
+from gradkit.training import TrainState, fit, make_train_step
+
+MODEL = MLP([3, 5, 2], "tanh")
+
+
+def _loss(params, batch):
+    x, y = batch
+    return jnp.mean((MODEL.apply(params, x) - y) ** 2)
+
+
+def _data(n=32):
+    rng = np.random.default_rng(0)
+    return (
+        rng.normal(size=(n, 3)).astype(np.float32),
+        rng.normal(size=(n, 2)).astype(np.float32),
+    )
+
+
+def _params():
+    return MODEL.init(jax.random.key(0), (3,))
+
+
+def test_step_reports_health_on_every_kth_step_only():
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(_loss, optimizer, health_every=3)
+    state = TrainState.create(_params(), optimizer)
+    batch = _data()
+    for index in range(5):
+        grads = jax.grad(_loss)(state.params, batch)
+        state, metrics = step(state, batch)
+        kernel = metrics["health"]["dense_0"]["kernel"]
+        if index % 3 == 0:
+            expected = np.linalg.norm(np.asarray(grads["dense_0"]["kernel"], np.float64))
+            np.testing.assert_allclose(float(kernel.norm), expected, rtol=1e-5)
+            assert int(np.sum(kernel.log2_histogram)) == grads["dense_0"]["kernel"].size
+        else:
+            assert float(kernel.norm) == 0.0
+            assert int(np.sum(kernel.log2_histogram)) == 0
+    assert step._cache_size() == 1  # the gate is evaluated on the device: no retrace
+
+
+def test_health_update_ratio_is_the_applied_update_over_the_params():
+    optimizer = optax.sgd(0.5)
+    step = make_train_step(_loss, optimizer, health_every=1)
+    state = TrainState.create(_params(), optimizer)
+    batch = _data()
+    before = state.params
+    state, metrics = step(state, batch)
+    bias = metrics["health"]["dense_1"]["bias"]
+    update = np.asarray(state.params["dense_1"]["bias"]) - np.asarray(before["dense_1"]["bias"])
+    norm_before = np.linalg.norm(np.asarray(before["dense_1"]["bias"]))
+    if norm_before > 0:
+        np.testing.assert_allclose(
+            float(bias.update_ratio), np.linalg.norm(update) / norm_before, rtol=1e-4
+        )
+    np.testing.assert_allclose(float(bias.update_norm), np.linalg.norm(update), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_health_every_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="health_every"):
+        make_train_step(_loss, optax.sgd(0.1), health_every=bad)
+
+
+def test_aux_may_not_shadow_the_health_metric():
+    step = make_train_step(
+        lambda p, b: (_loss(p, b), {"health": jnp.zeros(())}), optax.sgd(0.1), has_aux=True
+    )
+    state = TrainState.create(_params(), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="reserved metric name 'health'"):
+        step(state, _data())
+
+
+def test_fit_records_layer_norms_and_logs_health_to_tensorboard(tmp_path):
+    x, y = _data()
+    _, history = fit(
+        _loss,
+        _params(),
+        (x, y),
+        optax.sgd(0.1),
+        steps=6,
+        batch_size=8,
+        progress=False,
+        log_dir=tmp_path,
+        health_every=2,
+    )
+    norms = history["health/dense_0/grad_norm"]
+    assert norms.shape == (6,)
+    # Rows are steps 1..6; the statistics belong to the updates that started at steps 0, 2, 4.
+    assert all(np.isfinite(norms[[0, 2, 4]])) and all(norms[[0, 2, 4]] > 0)
+    assert all(np.isnan(norms[[1, 3, 5]]))
+    scalars = _tensorboard.read_scalars(tmp_path)
+    logged = scalars["health/dense_0/grad_norm"]
+    assert [step for step, _ in logged] == [1, 3, 5]
+    np.testing.assert_allclose([v for _, v in logged], norms[[0, 2, 4]], rtol=1e-6)
+    assert "health/dense_1/kernel/nan_count" in scalars
+    histograms = _tensorboard.read_histograms(tmp_path)
+    ((step, histo), *_) = histograms["health/dense_0/kernel/log2_magnitude"]
+    assert step == 1 and histo.num == 3 * 5
+    assert math.isfinite(float(history["loss"][-1]))
