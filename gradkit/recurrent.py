@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -896,9 +896,23 @@ class RNN:
         k = int(self.gradient_steps)
         return Chunked(k) if self.truncate_mode == "chunked" else Window(k)
 
-    def init(self, key: jax.Array, input_features: int, dtype=jnp.float32) -> PyTree:
-        """Returns the cell's parameters."""
-        return self.cell.init(key, input_features, dtype=dtype)
+    def init(
+        self, key: jax.Array, input_shape: int | Sequence[int | None], dtype=jnp.float32
+    ) -> PyTree:
+        """Returns the cell's parameters.
+
+        Args:
+          key: a PRNG key.
+          input_shape: the input's shape ``(batch, time, features)`` (only the last axis
+            matters; the others may be ``None``), or the number of features, like the
+            ``init`` of gradkit.layers.
+          dtype: the parameters' dtype.
+        """
+        if isinstance(input_shape, Sequence):
+            if not input_shape:
+                raise ValueError("RNN.init: input_shape is empty; give (batch, time, features)")
+            input_shape = input_shape[-1]
+        return self.cell.init(key, input_shape, dtype=dtype)
 
     def apply(
         self,

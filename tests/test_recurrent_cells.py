@@ -171,6 +171,10 @@ def test_rnn_layer_runs_the_cell_over_batch_major_input():
     for b in range(B):
         _, want = lax.scan(lambda h, x: cell.apply(params, h, x), cell.initial_carry(), xs[b])
         np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-6)
+    same = layer.init(jax.random.key(8), xs.shape)  # an input shape works like an int
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, same, params))
+    with pytest.raises(ValueError, match="input_shape is empty"):
+        layer.init(jax.random.key(8), ())
     final = RNN(cell, only_return_final=True).apply(params, xs)
     np.testing.assert_allclose(final, out[:, -1], rtol=1e-6)
     backwards = RNN(cell, backwards=True).apply(params, xs)
