@@ -587,37 +587,68 @@ SATURATED_FRACTION = 0.5
 POSITIVE_BIAS = 0.1
 #: Global-norm threshold of the gradient-clipping counterfactual.
 CLIP_NORM = 1.0
+#: Slope the surrogate-gradient counterfactual gives relu and relu6 where their derivative is 0:
+#: the derivative of :math:`f(x) + a\,(x - f(x))`, i.e. leaky_relu's for relu. 0.01 is the
+#: default negative slope of gradkit.activations.leaky_relu, ``jax.nn.leaky_relu`` and PyTorch's
+#: ``LeakyReLU``.
+SURROGATE_LEAK = 0.01
 
 _SYMPTOM_ORDER = ("nan/inf", "no gradient", "vanishing", "exploding", "dead units", "saturated")
 
 
-def layer_boundary(name: str, x: ArrayLike, activation: Any = None) -> jax.Array:
+def layer_boundary(
+    name: str, x: ArrayLike, activation: Any = None, *, apply: bool = False
+) -> jax.Array:
     """Marks a layer boundary of a plain function so :func:`diagnose` can observe it.
 
     Call it on each layer's pre-activation (the input of its activation). Outside
-    :func:`diagnose` it returns ``x`` unchanged and adds nothing to the traced program; inside,
-    diagnose records ``x`` and the cotangent (the gradient of the loss with respect to ``x``)
-    flowing back through it.
+    :func:`diagnose` it returns ``x`` (or ``activation(x)`` with ``apply=True``) and adds nothing
+    to the traced program; inside, diagnose records ``x`` and the cotangent (the gradient of the
+    loss with respect to ``x``) flowing back through it.
+
+    With ``apply=True`` the boundary also applies the activation, which lets diagnose measure a
+    surrogate gradient for this layer (the same values with a smooth derivative) when the layer
+    is saturated or has dead units, as gradkit.layers' Dense does.
 
     Args:
       name: the layer's name; if the parameters hold a sub-dict with this key (for example
         ``params["dense_0"]``), its gradients are attributed to this layer.
       x: the pre-activation, ``(..., features)``.
       activation: the gradkit.activations name (or :class:`~gradkit.activations.Activation`) the
-        layer applies next, so dead and saturated units can be counted; ``None`` if none.
+        layer applies next, so dead and saturated units can be counted; ``None`` if none. With
+        ``apply=True``, any callable.
+      apply: return ``activation(x)`` instead of ``x``.
 
     Returns:
-      ``x``.
+      ``x``, or ``activation(x)`` with ``apply=True``.
+
+    Raises:
+      TypeError: if ``name`` is not a non-empty str, or ``apply=True`` and ``activation`` is
+        neither a registered name nor a callable.
+      ValueError: if ``apply=True`` and ``activation`` is an unknown name.
 
     Example:
       >>> import jax.numpy as jnp
       >>> def net(params, x):
       ...     z = layer_boundary("dense_0", x @ params["dense_0"]["kernel"], "relu")
       ...     return jnp.maximum(z, 0)
+      >>> def same_net(params, x):
+      ...     return layer_boundary("dense_0", x @ params["dense_0"]["kernel"], "relu", apply=True)
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"layer_boundary: name must be a non-empty str, got {name!r}")
-    return _probe.tap(name, jnp.asarray(x), kind="preactivation", activation=activation)
+    function = None
+    if apply:
+        function = _activations.get(activation) if isinstance(activation, str) else activation
+        if not callable(function):
+            raise TypeError(
+                "layer_boundary: apply=True needs activation to be a gradkit.activations name or "
+                f"a callable, got {activation!r}"
+            )
+    x = _probe.tap(name, jnp.asarray(x), kind="preactivation", activation=activation)
+    if function is None:
+        return x
+    return _probe.activation(name, function)(x)
 
 
 @dataclasses.dataclass
@@ -683,9 +714,11 @@ class Recommendation:
       name: short name, e.g. ``"xavier + bias 0.1"``.
       description: what was changed.
       grad_norms: per-layer gradient norms with the fix.
-      change: per flagged layer, new norm / old norm.
+      change: per flagged layer, new norm / old norm (layers whose old norm was exactly 0 are
+        left out; see ``baseline_norms``).
       remaining: the symptoms left with the fix, as ``"symptom: layers"`` strings.
       resolved: the symptoms the fix cleared.
+      baseline_norms: per flagged layer, the norm without the fix.
     """
 
     name: str
@@ -694,6 +727,18 @@ class Recommendation:
     change: dict[str, float]
     remaining: list[str]
     resolved: list[str]
+    baseline_norms: dict[str, float | None] = dataclasses.field(default_factory=dict)
+
+    def change_text(self) -> str:
+        """The per-layer change as text: ``"dense_0 x12.3"``, or ``"dense_0 0 -> 4.1e-03"``."""
+        parts = []
+        for name in dict.fromkeys([*self.baseline_norms, *self.change]):
+            after = self.grad_norms.get(name)
+            if name in self.change:
+                parts.append(f"{name} x{self.change[name]:.3g}")
+            elif self.baseline_norms.get(name) == 0 and after is not None and after > 0:
+                parts.append(f"{name} 0 -> {after:.2e}")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -786,7 +831,7 @@ class HealthReport:
             lines.append("")
             lines.append("Fixes tried on the same batch (best first):")
             for i, rec in enumerate(self.recommendations, 1):
-                changes = ", ".join(f"{k} x{v:.3g}" for k, v in rec.change.items())
+                changes = rec.change_text()
                 left = "; ".join(rec.remaining) if rec.remaining else "no symptom left"
                 lines.append(f"  {i}. {rec.name}: {rec.description}")
                 lines.append(f"     gradient norm change: {changes or '-'}; {left}")
@@ -840,27 +885,46 @@ class HealthReport:
 
 
 class _Recorder:
-    """Collector for the discovery trace: remembers names, kinds and activations in order."""
+    """Collector for the discovery trace: remembers names, kinds and activations in order.
 
-    def __init__(self) -> None:
+    It also answers :func:`gradkit._probe.activation`: it notes which taps are followed by the
+    layer's activation (only those can take a surrogate gradient) and returns the substitute
+    activation for the taps in ``substitutes``.
+    """
+
+    def __init__(self, substitutes: Mapping[str, Any] | None = None) -> None:
         self.taps: list[tuple[str, str, Any]] = []
         self._counts: dict[str, int] = {}
+        self._latest: dict[str, str] = {}
+        self.hooked: set[str] = set()
+        self.substitutes = dict(substitutes or {})
 
     def key(self, name: str) -> str:
         count = self._counts.get(name, 0)
         self._counts[name] = count + 1
-        return name if count == 0 else f"{name}#{count}"
+        key = name if count == 0 else f"{name}#{count}"
+        self._latest[name] = key
+        return key
 
     def tap(self, name: str, value: jax.Array, *, kind: str, activation: Any) -> jax.Array:
         self.taps.append((self.key(name), kind, activation))
         return value
 
+    def activation(self, name: str, function: Callable[[jax.Array], jax.Array]) -> Any:
+        key = self._latest.get(name)
+        if key is None:
+            return function
+        self.hooked.add(key)
+        return self.substitutes.get(key, function)
+
 
 class _Perturber(_Recorder):
     """Collector that records values and adds a zero perturbation we differentiate against."""
 
-    def __init__(self, perturbations: dict[str, jax.Array]) -> None:
-        super().__init__()
+    def __init__(
+        self, perturbations: dict[str, jax.Array], substitutes: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(substitutes)
         self.perturbations = perturbations
         self.values: dict[str, jax.Array] = {}
 
@@ -952,8 +1016,15 @@ def diagnose(
 
     For the symptoms found it then *tries* candidate fixes on the same batch (He or Xavier
     re-initialisation of the flagged layers and of the layers the gradient flows back through,
-    Xavier plus a small positive bias for ReLU layers, gradient clipping) and ranks them by the
-    symptoms they leave and the change in gradient norms.
+    Xavier plus a small positive bias for ReLU layers, gradient clipping, and a surrogate
+    gradient for saturated or dead layers whose activation is applied through the boundary:
+    gradkit.layers' Dense, or ``layer_boundary(..., apply=True)``) and ranks them by the
+    symptoms they leave and the change in gradient norms. The surrogate gradient keeps the
+    layer's values and replaces its derivative: a leak of :data:`SURROGATE_LEAK` for relu and
+    relu6, the matching logistic sigmoid's derivative for hard_sigmoid, hard_tanh and
+    ultra_fast_sigmoid, a heavy-tailed "fast sigmoid" derivative for saturated sigmoid and tanh
+    (details in ``_surrogate_for``); its zero-gradient and saturation counts are those of
+    the surrogate derivative.
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
@@ -1025,8 +1096,9 @@ class _Runner:
         self.flax_modules = flax_modules
         self.overrides = overrides
         self.taps: list[tuple[str, str, Any]] = []
+        self.hooked: set[str] = set()
         self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
-        self._compiled = None
+        self._compiled: dict[tuple[tuple[str, int], ...], Callable[..., Any]] = {}
 
     def _loss(self, params, collector):
         with _probe.collecting(collector), _flax_interception(self.flax_modules):
@@ -1050,6 +1122,14 @@ class _Runner:
 
         _, self.shapes = jax.eval_shape(traced, params)
         self.taps = list(perturber.taps)
+        self.hooked = set(perturber.hooked)
+
+    def entry(self, key: str) -> Any:
+        """The registry entry of the activation at tap ``key`` (``None`` if unknown)."""
+        for tap_key, _, activation in self.taps:
+            if tap_key == key:
+                return self._activation_name(key, activation)[0]
+        return None
 
     def _activation_name(self, key: str, activation: Any) -> tuple[Any, str | None]:
         base = key.split("#")[0]
@@ -1062,16 +1142,21 @@ class _Runner:
             return None, None
         return None, getattr(activation, "__name__", str(activation))
 
-    def compiled(self):
-        if self._compiled is not None:
-            return self._compiled
+    def compiled(self, substitutes: Mapping[str, Any] | None = None):
+        """The jitted analysis; ``substitutes`` maps tap keys to the activations to use there."""
+        substitutes = dict(substitutes or {})
+        cache_key = tuple(sorted((k, id(v)) for k, v in substitutes.items()))
+        if cache_key in self._compiled:
+            return self._compiled[cache_key]
         entries = {key: self._activation_name(key, act)[0] for key, _, act in self.taps}
+        # Zero-gradient and saturation counts describe the derivative actually used.
+        entries.update(substitutes)
 
         def run(params):
             perturbations = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.shapes.items()}
 
             def f(params, perturbations):
-                perturber = _Perturber(perturbations)
+                perturber = _Perturber(perturbations, substitutes)
                 loss = self._loss(params, perturber)
                 return loss, perturber.values
 
@@ -1097,11 +1182,11 @@ class _Runner:
                 measures[k] = m
             return loss, gradient_stats(grads), measures
 
-        self._compiled = jax.jit(run)
-        return self._compiled
+        self._compiled[cache_key] = jax.jit(run)
+        return self._compiled[cache_key]
 
-    def analyse(self, params) -> _Analysis:
-        loss, stats, measures = jax.device_get(self.compiled()(params))
+    def analyse(self, params, substitutes: Mapping[str, Any] | None = None) -> _Analysis:
+        loss, stats, measures = jax.device_get(self.compiled(substitutes)(params))
         by_path = stats_by_path(stats)
         groups = _param_groups(params)
         layers: list[LayerHealth] = []
@@ -1264,6 +1349,106 @@ def _finding(symptom, names, layers, reference, ref_norm) -> Finding:
 _RELU_FAMILY = {"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "mish", "softplus"}
 
 
+#: How far the sigmoid-family surrogates are scaled up so that their derivative is nowhere below
+#: the activation's own (see ``_surrogate_for``): ``1 / (4 sigmoid'(2))``, the ratio of the
+#: logistic's derivative at its centre to its derivative two rate-units away ...
+_KINK_SCALE = 1.0 / (4.0 * (1.0 / (1.0 + math.exp(-2.0))) * (1.0 - 1.0 / (1.0 + math.exp(-2.0))))
+#: ... and ``max_u 4 sigmoid'(u) (1 + |u|/2)**2``, the smallest factor by which the fast sigmoid's
+#: derivative :math:`p / (1 + 2p|x|/w)^2` (same peak as the logistic) covers the logistic's.
+_FAST_SIGMOID_COVER = 1.8348811006189707
+
+
+def _surrogate_for(entry: Any) -> Any:
+    r"""The surrogate whose derivative diagnose tries in place of ``entry``'s, or ``None``.
+
+    The layer then computes ``with_surrogate_grad(entry, surrogate)``: ``entry``'s values, the
+    surrogate's derivative. Every surrogate here has a derivative that is **nowhere below the
+    activation's own** and nonzero where it is zero, so the counterfactual measures what
+    unblocking the flat parts gives, not a loss of slope elsewhere. With :math:`w` the width of
+    the output range, :math:`c` the centre and :math:`s` the slope there:
+
+    - **relu, relu6** (dead units): :math:`f(x) + a\,(x - f(x))` with :math:`a` =
+      :data:`SURROGATE_LEAK`: slope 1 on the linear piece, :math:`a` where the derivative is 0
+      (for relu, leaky_relu's derivative).
+    - **hard_sigmoid, hard_tanh** (flat parts): the logistic sigmoid they approximate, with the
+      same centre and range, rate :math:`r = 4s/w` (the logistic whose slope at the centre is
+      :math:`s`), scaled so its derivative equals :math:`s` at the kinks
+      :math:`|x - c| = w / (2s)`:
+
+      .. math:: f'_{\mathrm{sur}}(x) = s\,\sigma'\bigl(r (x - c)\bigr) / \sigma'(2),
+
+      which is above :math:`s` on the linear piece (2.38 s at the centre) and decays like
+      :math:`e^{-r|x - c|}` on the flat parts. For Theano's hard_sigmoid (slope 0.2) it is the
+      derivative of :math:`2.38\,\sigma(0.8 x)`, which trains seed 000's XOR network from 59 of
+      64 random inits where hard_sigmoid's own derivative trains none.
+    - **ultra_fast_sigmoid**: its own derivative on :math:`|x| < 3.4`,
+      :math:`0.375 / (1 + |x|/2)^2`, continued over the linear and flat pieces beyond.
+    - **sigmoid, tanh** (saturated): the "fast sigmoid" derivative of SuperSpike (Zenke &
+      Ganguli, 2018), with polynomial instead of exponential tails, scaled by 1.83 so it covers
+      the activation's own: :math:`1.83\,s / (1 + 2s|x - c|/w)^2` (sigmoid at :math:`x = 10`:
+      :math:`4.5 \times 10^{-5}` becomes :math:`1.3 \times 10^{-2}`).
+
+    Other activations, and ones already wrapped by ``with_surrogate_grad``, get none.
+
+    References:
+      Zenke, F. and Ganguli, S. (2018). SuperSpike: supervised learning in multilayer spiking
+      neural networks. Neural Computation 30(6).
+    """
+    name = getattr(entry, "name", None)
+    if name in ("relu", "relu6"):
+        leak = SURROGATE_LEAK
+
+        def leaky(x):
+            y = entry(x)
+            return y + leak * (x - y)
+
+        return _activations.Activation(
+            name=f"{name} + {leak:g} (x - {name})",
+            function=leaky,
+            derivative=f"{name}'s, or {leak:g} where that is 0",
+            peak_derivative=1.0,
+        )
+    if name not in ("hard_sigmoid", "hard_tanh", "ultra_fast_sigmoid", "sigmoid", "tanh"):
+        return None
+    try:
+        low, high = entry.output_range
+        width = float(high - low)
+        slope, centre = entry.peak(), 0.0
+        if name == "hard_sigmoid":
+            params = dict(entry.params)
+            slope = float(params.get("slope", 1.0 / 6.0))
+            centre = (0.5 - float(params.get("shift", 0.5))) / slope
+    except (TypeError, ValueError, ZeroDivisionError):  # array-valued slope or shift
+        return None
+    if name in ("hard_sigmoid", "hard_tanh"):
+        rate, scale = 4.0 * slope / width, _KINK_SCALE * width
+
+        def logistic(x):
+            return scale * _activations.sigmoid(rate * (x - centre))
+
+        return _activations.Activation(
+            name="logistic",
+            function=logistic,
+            derivative=f"d/dx {scale:.3g} sigmoid({rate:.3g} (x - {centre:.3g}))",
+            peak_derivative=abs(scale * rate / 4.0),
+        )
+    if name == "ultra_fast_sigmoid":  # Theano's rational piece 0.75 a / (1 + a), a = |x| / 2
+        peak, rate = slope, 0.5
+    else:
+        peak, rate = _FAST_SIGMOID_COVER * slope, 2.0 * slope / width
+
+    def fast_sigmoid(x):
+        u = rate * (x - centre)
+        return (peak / rate) * u / (1.0 + jnp.abs(u))
+
+    return _activations.Activation(
+        name="fast sigmoid",
+        function=fast_sigmoid,
+        derivative=f"{peak:.3g} / (1 + {rate:.3g} |x - {centre:.3g}|)**2",
+        peak_derivative=abs(peak),
+    )
+
+
 def _reinit(params, paths: set[str], kind: str, key, bias: float | None = None, relu=()):
     """Re-initialises the kernels (leaves with ndim >= 2) on ``paths``; optionally sets biases."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -1306,7 +1491,7 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
     def paths(selection):
         return {p for la in selection for p in la.param_paths}
 
-    candidates: list[tuple[str, str, Callable[[], Any]]] = []
+    candidates: list[tuple[str, str, Callable[[], Any], dict[str, Any] | None]] = []
     k1, k2, k3, k4 = jax.random.split(key, 4)
     if symptoms & {"vanishing", "exploding", "no gradient", "dead units"} and with_params:
         names_down = ", ".join(la.name for la in downstream)
@@ -1317,6 +1502,7 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                     "he init (flagged layers)",
                     f"He-normal re-initialisation of {names_flag} only",
                     lambda: _reinit(params, paths(flagged_layers), "he", k1),
+                    None,
                 )
             )
         candidates.append(
@@ -1325,6 +1511,7 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                 f"He-normal re-initialisation of {names_down} (the flagged layers and those the "
                 "gradient flows back through)",
                 lambda: _reinit(params, paths(downstream), "he", k2),
+                None,
             )
         )
         candidates.append(
@@ -1332,6 +1519,7 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                 "xavier init",
                 f"Xavier (Glorot) normal re-initialisation of {names_down}",
                 lambda: _reinit(params, paths(downstream), "xavier", k3),
+                None,
             )
         )
         if relu_groups:
@@ -1343,6 +1531,7 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                     lambda: _reinit(
                         params, paths(downstream), "xavier", k3, POSITIVE_BIAS, relu_groups
                     ),
+                    None,
                 )
             )
     if "dead units" in symptoms and relu_groups:
@@ -1351,11 +1540,42 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                 f"bias {POSITIVE_BIAS:g}",
                 f"bias {POSITIVE_BIAS:g} on the ReLU-family layers, weights unchanged",
                 lambda: _reinit(params, paths(with_params), None, k4, POSITIVE_BIAS, relu_groups),
+                None,
+            )
+        )
+    saturated = [la for la in with_params if "saturated" in la.symptoms]
+    if saturated and not any(candidate[0] == "xavier init" for candidate in candidates):
+        candidates.append(
+            (
+                "xavier init",
+                "Xavier (Glorot) normal re-initialisation of the saturated "
+                f"{', '.join(la.name for la in saturated)}",
+                lambda: _reinit(params, paths(saturated), "xavier", k3),
+                None,
+            )
+        )
+    substitutes, changed = {}, []
+    for la in layers:
+        if {"saturated", "dead units"} & set(la.symptoms) and la.name in runner.hooked:
+            entry = runner.entry(la.name)
+            surrogate = _surrogate_for(entry)
+            if surrogate is not None:
+                substitutes[la.name] = _activations.with_surrogate_grad(entry, surrogate)
+                changed.append(
+                    f"{la.name}: {la.activation} values, derivative {surrogate.derivative}"
+                )
+    if substitutes:
+        candidates.append(
+            (
+                "surrogate gradient",
+                f"{'; '.join(changed)} (train with gradkit.activations.with_surrogate_grad)",
+                lambda: params,
+                substitutes,
             )
         )
     results = []
-    for name, description, make in candidates:
-        analysis = runner.analyse(make())
+    for name, description, make, substitute in candidates:
+        analysis = runner.analyse(make(), substitute)
         results.append(_evaluate(name, description, analysis, base, findings, reference))
     if "exploding" in symptoms or "nan/inf" in symptoms:
         results.append(_clipped(base, findings, reference))
@@ -1373,21 +1593,30 @@ def _recommendation(name, description, new_layers, base, findings, new_findings)
     old = {la.name: la for la in base.layers}
     new = {la.name: la for la in new_layers}
     change = {}
+    baseline = {}
     gains = []
     for la_name, la in old.items():
         if not la.symptoms:
             continue
         before, after = _norm_of(la), _norm_of(new[la_name]) if la_name in new else None
-        if before and after is not None and math.isfinite(before) and math.isfinite(after):
+        baseline[la_name] = before
+        if before is None or after is None or not math.isfinite(before) or not math.isfinite(after):
+            continue
+        if before > 0:
             change[la_name] = after / before
             if after > 0:
                 gains.append(abs(math.log10(after / before)))
+        elif after > 0:
+            gains.append(math.inf)  # a gradient where there was none at all
     remaining = [f"{f.symptom}: {', '.join(f.layers)}" for f in new_findings]
     left = {f.symptom for f in new_findings}
     resolved = [f.symptom for f in findings if f.symptom not in left]
     score = float(np.mean(gains)) if gains else 0.0
     grad_norms = {n: _norm_of(la) for n, la in new.items()}
-    return score, Recommendation(name, description, grad_norms, change, remaining, resolved)
+    recommendation = Recommendation(
+        name, description, grad_norms, change, remaining, resolved, baseline
+    )
+    return score, recommendation
 
 
 def _clipped(base, findings, reference):

@@ -253,8 +253,10 @@ class Dense:
     as columns; ``kernel`` here is that ``W`` transposed.)
 
     Before the activation, ``apply`` passes :math:`z` through
-    ``gradkit._probe.tap(name, z, kind="preactivation", activation=self.activation)``, which
-    is the identity (no extra equation) unless gradkit.diagnostics is collecting.
+    ``gradkit._probe.tap(name, z, kind="preactivation", activation=self.activation)`` and
+    applies the function ``gradkit._probe.activation(name, ...)`` returns; both are the identity
+    (no extra equation) unless gradkit.diagnostics is collecting, which may then substitute the
+    activation to measure a surrogate gradient.
 
     Args:
       features: the number of output features.
@@ -389,7 +391,10 @@ class Dense:
         if bias is not None:
             z = z + bias.astype(dtype)
         z = _probe.tap(self.layer_name, z, kind="preactivation", activation=self.activation)
-        return _resolve_activation(self.activation, label)(z)
+        activation = _resolve_activation(self.activation, label)
+        if self.activation is not None:
+            activation = _probe.activation(self.layer_name, activation)
+        return activation(z)
 
     def _check_params(self, params: Any) -> tuple[jax.Array, jax.Array | None]:
         label = self._label
