@@ -1,9 +1,10 @@
 """Seed 000: Theano's hard_sigmoid "trains XOR to nowhere" and ultra_fast_sigmoid has no gradient.
 
 The network of the post: 2 inputs + bias -> 3 hidden units + bias -> 1 output, weights theta1
-(3, 3) and theta2 (4, 1) drawn like ``np.random.rand`` (uniform on [0, 1)), the same activation in
-both layers, binary cross-entropy, plain per-sample gradient descent with learning rate 0.1, 4000
-epochs over the four XOR patterns, float64 as in the post (``T.dvector``).
+(3, 3) and theta2 (4, 1) (``params["hidden"]``, ``params["output"]``) drawn like
+``np.random.rand`` (uniform on [0, 1)), the same activation in both layers, binary
+cross-entropy, plain per-sample gradient descent with learning rate 0.1, 4000 epochs over the four
+XOR patterns, float64 as in the post (``T.dvector``).
 
 It is trained from many random initialisations at once (``vmap`` over inits, ``lax.scan`` over
 epochs) with:
@@ -16,7 +17,11 @@ epochs) with:
 
 and it reports, per variant, how many inits learn XOR, the cost trajectory of a representative
 init, its final predictions, and where the pre-activations sat relative to the activation's
-zero-gradient region (``gradkit.activations.get(name).zero_grad_mask``).
+zero-gradient region (``gradkit.activations.get(name).zero_grad_mask``). The representative
+trained network (and, for hard_sigmoid, the first dead one) then goes through
+``gradkit.diagnostics.diagnose`` on the four patterns: the network marks its layer boundaries
+with ``layer_boundary``, and diagnose's per-layer zero-gradient and saturation numbers are
+printed next to the example's own counts, which they must equal.
 
 Run: ``python examples/sigmoid_family_xor.py --out DIR`` (writes ``DIR/xor_cost.png``).
 """
@@ -38,6 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gradkit import activations
+from gradkit.diagnostics import diagnose, layer_boundary
 
 jax.config.update("jax_enable_x64", True)  # the post trains in float64
 
@@ -114,24 +120,30 @@ def make_variants() -> list[Variant]:
 # The network of the post
 
 
-def forward(params, x, activation):
-    """Returns the named pre-activations and the output probability for one pattern.
+def _with_bias(x):
+    return jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
 
-    The pre-activations are what a gradient-flow diagnosis looks at: ``"hidden"`` (3,) and
-    ``"output"`` (1,).
+
+def forward(params, x, activation):
+    """Returns the named pre-activations and the output probability for one pattern ``(2,)``
+    or a batch ``(patterns, 2)``.
+
+    The pre-activations are what a gradient-flow diagnosis looks at: ``"hidden"`` (..., 3) and
+    ``"output"`` (..., 1). ``layer_boundary(..., apply=True)`` applies the activation and lets
+    ``diagnose`` observe each layer (outside diagnose it adds nothing to the computation).
     """
-    theta1, theta2 = params
-    hidden_pre = theta1.T @ jnp.append(x, 1.0)
-    hidden = activation(hidden_pre)
-    output_pre = theta2.T @ jnp.append(hidden, 1.0)
-    return {"hidden": hidden_pre, "output": output_pre}, jnp.sum(activation(output_pre))
+    hidden_pre = _with_bias(x) @ params["hidden"]
+    hidden = layer_boundary("hidden", hidden_pre, activation, apply=True)
+    output_pre = _with_bias(hidden) @ params["output"]
+    p = layer_boundary("output", output_pre, activation, apply=True)[..., 0]
+    return {"hidden": hidden_pre, "output": output_pre}, p
 
 
 def loss_fn(params, x, y, activation):
-    """Binary cross-entropy of one pattern, as Theano's ``binary_crossentropy``."""
+    """Binary cross-entropy, as Theano's ``binary_crossentropy`` (averaged over a batch)."""
     _, p = forward(params, x, activation)
     p = jnp.clip(p, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-    return -(y * jnp.log(p) + (1 - y) * jnp.log(1 - p))
+    return jnp.mean(-(y * jnp.log(p) + (1 - y) * jnp.log(1 - p)))
 
 
 def train(params, variant: Variant):
@@ -165,13 +177,14 @@ def train(params, variant: Variant):
 
 
 def initial_params(num_inits: int):
-    """theta1 (inits, 3, 3) and theta2 (inits, 4, 1); init i uses np.random.RandomState(i).rand."""
+    """``{"hidden": theta1 (inits, 3, 3), "output": theta2 (inits, 4, 1)}``; init i uses
+    ``np.random.RandomState(i).rand``."""
     theta1, theta2 = [], []
     for seed in range(num_inits):
         rng = np.random.RandomState(seed)
         theta1.append(rng.rand(3, 3))
         theta2.append(rng.rand(4, 1))
-    return jnp.asarray(np.stack(theta1)), jnp.asarray(np.stack(theta2))
+    return {"hidden": jnp.asarray(np.stack(theta1)), "output": jnp.asarray(np.stack(theta2))}
 
 
 @dataclasses.dataclass
@@ -179,6 +192,7 @@ class Outcome:
     """What training one variant from every init produced (arrays over inits)."""
 
     variant: Variant
+    params: dict  # the trained parameters, arrays with a leading inits axis
     cost: np.ndarray  # (inits, epochs)
     zero_grad: np.ndarray  # (inits, epochs, 2): hidden, output
     flat: np.ndarray  # (inits, epochs, 2)
@@ -214,6 +228,7 @@ def run_variant(variant: Variant, params) -> Outcome:
     predictions, final_zero, final_flat = jax.jit(jax.vmap(final_state))(final)
     return Outcome(
         variant,
+        jax.device_get(final),
         np.asarray(record["cost"]),
         np.asarray(record["zero_grad"]),
         np.asarray(record["flat"]),
@@ -253,6 +268,64 @@ def print_outcome(outcome: Outcome) -> None:
             "     on hard_sigmoid's flat parts (where its true derivative is 0) at the end: "
             f"{_percent(outcome.final_flat.mean(axis=1), outcome.learned)}"
         )
+
+
+LAYERS = ("hidden", "output")
+
+
+def diagnose_trained(outcome: Outcome, init: int, try_fixes: bool):
+    """gradkit.diagnostics.diagnose on the trained network of ``init``, over the four patterns."""
+    params = jax.tree.map(lambda leaf: jnp.asarray(leaf[init]), outcome.params)
+    patterns, targets = jnp.asarray(PATTERNS), jnp.asarray(TARGETS)
+    return diagnose(
+        loss_fn, params, patterns, targets, outcome.variant.activation, try_fixes=try_fixes
+    )
+
+
+def print_diagnosis(outcome: Outcome, init: int, report, why: str) -> None:
+    """Prints diagnose's per-layer numbers next to the example's own counts for ``init``."""
+    print(f"   gradkit.diagnostics.diagnose on init #{init} ({why}), on the 4 patterns:")
+    print("     layer   f' = 0: diagnose / this example  saturated  grad norm  verdict")
+    for j, name in enumerate(LAYERS):
+        layer = report.layer(name)
+        saturated = layer.saturated_fraction
+        saturated = "-" if saturated is None else f"{100 * saturated:.1f}%"
+        print(
+            f"     {name:6s}  {100 * layer.zero_grad_fraction:5.1f}% / "
+            f"{100 * outcome.final_zero_grad[init, j]:5.1f}%{saturated:>21s}  "
+            f"{layer.grad_norm:9.2e}  {', '.join(layer.symptoms) or 'ok'}"
+        )
+    clipped = bool(np.all(np.isin(outcome.predictions[init], (0.0, 1.0))))
+    if clipped and report.flagged("no gradient"):
+        print(
+            "     (its outputs are exactly 0 or 1, where the loss's clip of p to "
+            f"[{PROBABILITY_EPSILON:g}, 1 - {PROBABILITY_EPSILON:g}] has derivative 0 too: no "
+            "derivative of the activation alone can give this network a gradient)"
+        )
+    if outcome.learned[init]:
+        return
+    for finding in report.findings:
+        print(f"     * {finding.message}")
+    for rank, rec in enumerate(report.recommendations, 1):
+        left = "; ".join(rec.remaining) if rec.remaining else "no symptom left"
+        change = rec.change_text() or "unchanged"
+        print(f"     fix {rank}. {rec.name}: gradient norm {change}; {left}")
+
+
+def diagnosis_agrees(outcome: Outcome, init: int, report, saturation_is_flat: bool) -> bool:
+    """diagnose's zero-gradient fractions equal the example's own counts; with
+    ``saturation_is_flat`` (hard_sigmoid, whose slope is 0.2 or 0) so do its saturated fractions
+    and the counts on the flat parts."""
+    for j, name in enumerate(LAYERS):
+        layer = report.layer(name)
+        if abs(layer.zero_grad_fraction - outcome.final_zero_grad[init, j]) > 1e-12:
+            return False
+        if saturation_is_flat and (
+            layer.saturated_fraction is None
+            or abs(layer.saturated_fraction - outcome.final_flat[init, j]) > 1e-12
+        ):
+            return False
+    return True
 
 
 def _percent(values: np.ndarray, learned: np.ndarray) -> str:
@@ -314,16 +387,8 @@ def main(argv=None) -> int:
 
     params = initial_params(args.inits)
     outcomes = [run_variant(variant, params) for variant in make_variants()]
-    for outcome in outcomes:
-        print_outcome(outcome)
-    plot(outcomes, out / "xor_cost.png")
-    print(f"\nplot: {out / 'xor_cost.png'}")
-
     sigmoid, ultra_fast, hard, surrogate, scaled, control = outcomes
     n = args.inits
-
-    def rate(outcome: Outcome) -> float:
-        return float(outcome.learned.mean())
 
     # Why hard_sigmoid stalls, run by run: either the output unit starts saturated for all four
     # patterns (no gradient reaches any weight, nothing ever changes), or every pre-activation is
@@ -332,7 +397,38 @@ def main(argv=None) -> int:
     dead = failed & (hard.final_zero_grad[:, 1] == 1.0) & (hard.cost[:, 0] == hard.cost[:, -1])
     affine = failed & (hard.final_zero_grad.max(axis=1) == 0.0)
     affine &= np.abs(hard.xor_contrast) < 1e-6
+
+    diagnoses = []  # (outcome, init, report): each variant's representative, hard_sigmoid's dead
+    for outcome in outcomes:
+        print_outcome(outcome)
+        k = outcome.representative()
+        why = "learned" if outcome.learned[k] else "did not learn"
+        if outcome is hard and affine[k]:
+            why = f"stuck on the linear piece, like {affine.sum()} of the {failed.sum()} failures"
+        report = diagnose_trained(outcome, k, try_fixes=not outcome.learned[k])
+        print_diagnosis(outcome, k, report, why)
+        diagnoses.append((outcome, k, report))
+        if outcome is hard and dead.any():
+            k_dead = int(np.flatnonzero(dead)[0])
+            report = diagnose_trained(outcome, k_dead, try_fixes=True)
+            print_diagnosis(outcome, k_dead, report, f"dead, like {dead.sum()} failure(s)")
+            diagnoses.append((outcome, k_dead, report))
+    plot(outcomes, out / "xor_cost.png")
+    print(f"\nplot: {out / 'xor_cost.png'}")
+
+    def rate(outcome: Outcome) -> float:
+        return float(outcome.learned.mean())
+
     affine_zero = 100 * hard.zero_grad[affine].mean() if affine.any() else 0.0
+    hard_reports = {k: report for outcome, k, report in diagnoses if outcome is hard}
+    affine_reports = [r for k, r in hard_reports.items() if affine[k]]
+    dead_reports = [r for k, r in hard_reports.items() if dead[k]]
+    seen = []  # what diagnose said about the stalled hard_sigmoid networks, for the summary
+    for k, r in hard_reports.items():
+        saturated = " / ".join(f"{100 * la.saturated_fraction:.0f}%" for la in r.layers)
+        verdict = "no symptom" if r.ok else ", ".join(f.symptom for f in r.findings)
+        kind = "affine" if affine[k] else "dead" if dead[k] else "stalled"
+        seen.append(f"{kind} run #{k}: hidden / output {saturated} saturated, {verdict}")
     affine_outputs = hard.predictions[affine]
     flat_used = 100 * scaled.final_flat.mean(axis=1)[scaled.learned].mean()
 
@@ -354,6 +450,24 @@ def main(argv=None) -> int:
             affine.sum() >= 0.75 * failed.sum()
             and affine_zero < 1.0
             and np.all(np.abs(affine_outputs - 0.5) < 0.05)
+        ),
+        "diagnose's per-layer zero-gradient fractions equal this example's counts for every "
+        "diagnosed network (for hard_sigmoid, its saturated fractions too)": all(
+            diagnosis_agrees(outcome, k, report, outcome is hard)
+            for outcome, k, report in diagnoses
+        ),
+        "diagnose finds a stalled affine hard_sigmoid network with 0% of its pre-activations "
+        "saturated and no saturation verdict": bool(affine_reports)
+        and all(
+            all(la.saturated_fraction == 0.0 for la in r.layers) and not r.flagged("saturated")
+            for r in affine_reports
+        ),
+        "diagnose finds a dead hard_sigmoid network's output 100% saturated, with no gradient "
+        "(or there is no dead run)": not dead.any()
+        or all(
+            r.layer("output").saturated_fraction == 1.0
+            and "no gradient" in r.layer("hidden").symptoms
+            for r in dead_reports
         ),
         "the scaled surrogate learns from >= 75% of inits": rate(scaled) >= 0.75,
         "its solutions put >= 25% of pre-activations on the flat parts": flat_used >= 25.0,
@@ -378,7 +492,10 @@ def main(argv=None) -> int:
         f"linear piece, so the network is exactly an affine function of its inputs "
         f"(p01 + p10 - p11 - p00 = {np.abs(hard.xor_contrast[affine]).max(initial=0):.1e}), the "
         f"best affine fit to XOR outputs 0.5 everywhere (cost ln 2), and gradient descent goes "
-        f"there and stays. Solutions need the flat parts ({flat_used:.0f}% of the "
+        f"there and stays. gradkit.diagnostics.diagnose on the trained networks agrees "
+        f"({'; '.join(seen)}): the affine runs are not saturated, their gradient is small "
+        f"because the affine fit is at its optimum, not because it is blocked. Solutions need "
+        f"the flat parts ({flat_used:.0f}% of the "
         f"pre-activations of the solutions found below lie there). A surrogate gradient whose "
         f"derivative varies inside the linear piece breaks the affine trap: sigmoid's derivative "
         f"learns from {surrogate.learned.sum()} of {n}, 1.5 x sigmoid's derivative (peak 0.375) "
@@ -397,7 +514,7 @@ def main(argv=None) -> int:
         f"Verdict: hard_sigmoid (slope 0.2) learns from {hard.learned.sum()}/{n}: {dead.sum()} "
         f"run(s) dead (output 100% in the zero-gradient region), {affine.sum()} stuck on the "
         f"linear piece ({affine_zero:.2f}% in the zero-gradient region; the network is affine, "
-        "outputs 0.5)."
+        f"outputs 0.5); diagnose: {'; '.join(seen)}."
     )
     print(
         f"Verdict: a surrogate gradient fixes it: hard_sigmoid with 1.5 x sigmoid's derivative "

@@ -43,6 +43,40 @@ def test_xor_example_gives_the_right_verdict(tmp_path):
     assert completed.stdout.count("epoch 3500") == 6
     assert "dy/dw = -0.2" in completed.stdout and "dy/dw = +0.2" in completed.stdout
 
+    # diagnose runs on each variant's representative trained network and on hard_sigmoid's dead
+    # run; every table row prints diagnose's zero-gradient fraction next to the example's own.
+    rows = re.findall(
+        r"^ +(hidden|output) +([\d.]+)% / +([\d.]+)% +(\S+) +(\S+) +(.+)$",
+        completed.stdout,
+        flags=re.M,
+    )
+    assert completed.stdout.count("gradkit.diagnostics.diagnose on init #") == 7, output
+    assert len(rows) == 14 and all(row[1] == row[2] for row in rows), rows
+    # hard_sigmoid's stalled runs: the affine representative is not saturated at all, and the
+    # dead run's output is 100% saturated with no gradient reaching any weight.
+    affine = re.search(
+        r"diagnose on init #\d+ \(stuck on the linear piece, like (\d+) of the (\d+) "
+        r"failures\).*\n.*\n +hidden +0\.0% / +0\.0% +0\.0% +(\S+) +ok\n"
+        r" +output +0\.0% / +0\.0% +0\.0% +(\S+) +ok\n",
+        completed.stdout,
+    )
+    assert affine, output
+    assert int(affine.group(1)) >= 0.75 * int(affine.group(2))
+    assert float(affine.group(3)) > 0 and float(affine.group(4)) > 0
+    dead = re.search(
+        r"diagnose on init #\d+ \(dead, like \d+ failure\(s\)\).*\n.*\n"
+        r" +hidden +([\d.]+)% / +[\d.]+% +([\d.]+)% +0\.00e\+00 +no gradient\n"
+        r" +output +100\.0% / +100\.0% +100\.0% +0\.00e\+00 +no gradient, dead units, "
+        r"saturated\n",
+        completed.stdout,
+    )
+    assert dead, output
+    assert "fix 1. " in completed.stdout and "surrogate gradient: " in completed.stdout
+    (hard_verdict,) = [line for line in verdicts if "hard_sigmoid (slope 0.2)" in line]
+    assert re.search(
+        r"diagnose: affine run #\d+: hidden / output 0% / 0% saturated, no symptom", hard_verdict
+    )
+
     image = matplotlib.image.imread(tmp_path / "xor_cost.png")
     assert image.ndim == 3 and image.shape[0] >= 200 and image.shape[1] >= 300
     assert image.std() > 0.01  # not a blank canvas
