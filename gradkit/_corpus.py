@@ -501,11 +501,13 @@ class SmoothFunction:
       name: a readable description of the recipe.
       input_shape: the shape of its argument.
       function: the function.
+      steps: the recipe (so other frameworks can rebuild the same function).
     """
 
     name: str
     input_shape: tuple[int, ...]
     function: Callable[[jax.Array], jax.Array]
+    steps: tuple = ()
 
     def make_args(self, dtype, rng: np.random.Generator) -> tuple:
         return (_normal(self.input_shape, dtype, rng),)
@@ -596,5 +598,7 @@ def smooth_functions(count: int = 200, seed: int = 0) -> list[SmoothFunction]:
             return _apply_recipe(steps, x)
 
         function.__name__ = f"smooth_{index}"
-        functions.append(SmoothFunction(f"smooth_{index}: {_describe(steps)}", shape, function))
+        functions.append(
+            SmoothFunction(f"smooth_{index}: {_describe(steps)}", shape, function, tuple(steps))
+        )
     return functions
