@@ -134,3 +134,35 @@ def test_bad_input_errors():
         locate_gradient_error(lambda x: x, jnp.ones(2), argnums=(0, 4))
     with pytest.raises(ValueError, match="no arguments"):
         locate_gradient_error(jnp.sin)
+
+
+def _primitive_with_wrong_transpose():
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, batching, mlir
+
+    scale_p = Primitive("scale_by_two")
+    scale_p.def_impl(lambda x: 2.0 * x)
+    scale_p.def_abstract_eval(lambda x: x)
+    ad.deflinear2(scale_p, lambda ct, x: [3.0 * ct])  # wrong transpose: should be 2 * ct
+    batching.primitive_batchers[scale_p] = lambda args, dims: (scale_p.bind(*args), dims[0])
+    mlir.register_lowering(scale_p, mlir.lower_fun(lambda x: 2.0 * x, multiple_results=False))
+    return scale_p
+
+
+def test_wrong_transpose_rule_is_found_by_the_dot_product_test():
+    scale_p = _primitive_with_wrong_transpose()
+
+    def f(x):
+        return jnp.sum(jnp.sin(scale_p.bind(x)))
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    report = check_grads(f, x, locate=True)
+    verdicts = {row.mode: row.verdict for row in report.rows}
+    assert verdicts == {"forward": "pass", "reverse": "fail"}
+    culprit = report.location.culprit
+    assert culprit.primitive == "scale_by_two"
+    assert "transpose" in culprit.problem and "dot-product test" in culprit.problem
+    # A primitive's rules live in JAX's tables, not in traceable user code: the report names the
+    # line where the primitive is applied.
+    source = open(__file__).read().splitlines()
+    assert "scale_p.bind(x)" in source[culprit.line - 1]
