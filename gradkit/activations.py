@@ -367,11 +367,14 @@ def _hard_sigmoid_reciprocal(x, divisor, shift):
 
 
 def _exact_reciprocal(slope: Any) -> float | None:
-    """k if ``slope`` is a Python float equal to 1/k for a whole number k, else None."""
-    if not isinstance(slope, float) or slope == 0 or not math.isfinite(slope):
+    """k if ``slope`` is a Python float equal to 1/k for a whole number k > 0, else None.
+
+    Negative slopes take the general path: ``clip(x + b k, 0, k)`` would need ``low > high``.
+    """
+    if not isinstance(slope, float) or not slope > 0 or not math.isfinite(slope):
         return None
     k = round(1.0 / slope)
-    return float(k) if k != 0 and 1.0 / k == slope else None
+    return float(k) if k > 0 and 1.0 / k == slope else None
 
 
 def hard_sigmoid(
@@ -392,9 +395,9 @@ def hard_sigmoid(
     :math:`s x + b \ge 1` (with the defaults :math:`|x| \ge 3`; with Theano's constants
     :math:`|x| \ge 2.5`), as in ``jax.nn`` and PyTorch. Theano's ``clip`` gradient was inclusive
     (0.2 at :math:`x = \pm 2.5`); plain ``jnp.clip`` would give half the slope there. When
-    ``slope`` is a Python float equal to :math:`1/k` for a whole number :math:`k` (1/6, 0.2),
-    ``clip(x + b k, 0, k) / k`` is computed (as ``relu6(x + 3) / 6`` in jax.nn), so the
-    boundaries fall exactly on :math:`\pm 3` or :math:`\pm 2.5` in every dtype.
+    ``slope`` is a Python float equal to :math:`1/k` for a positive whole number :math:`k`
+    (1/6, 0.2), ``clip(x + b k, 0, k) / k`` is computed (as ``relu6(x + 3) / 6`` in jax.nn), so
+    the boundaries fall exactly on :math:`\pm 3` or :math:`\pm 2.5` in every dtype.
 
     Args:
       x: floating-point array or Python float.

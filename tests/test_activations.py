@@ -1,6 +1,7 @@
 """Tests for gradkit.activations: values, derivative conventions, dtypes, masks and the registry."""
 
 import doctest
+import functools
 import math
 
 import jax
@@ -343,6 +344,25 @@ def test_parameters_are_differentiable():
         assert float(g) == 1.0  # d/ds clip(s*x + b) = x inside the linear piece
         g = jax.grad(lambda a: activations.elu(-1.0, alpha=a))(2.0)
         assert float(g) == pytest.approx(math.expm1(-1.0))
+
+
+@pytest.mark.parametrize(
+    ("slope", "shift"),
+    [(-1.0 / 6.0, 0.5), (-0.2, 0.5), (-1.0, 0.25), (0.3, 0.5), (2.0, 0.1), (0.2, 0.0)],
+)
+def test_hard_sigmoid_any_slope_matches_numpy_values_and_derivative(slope, shift):
+    # Negative slopes mirror the function; exact reciprocals 1/k take a separate code path.
+    x = np.linspace(-8.0, 8.0, 321) + 1e-3
+    z = slope * x + shift
+    x = x[(np.abs(z) > 1e-4) & (np.abs(z - 1) > 1e-4)]  # off the boundaries
+    z = slope * x + shift
+    with jax.enable_x64(True):
+        f = functools.partial(activations.hard_sigmoid, slope=slope, shift=shift)
+        values = np.asarray(f(jnp.asarray(x)))
+        slopes = np.asarray(jax.vmap(jax.grad(f))(jnp.asarray(x)))
+    np.testing.assert_allclose(values, np.clip(z, 0, 1), rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(slopes, np.where((z > 0) & (z < 1), slope, 0.0))
+    assert np.any(slopes != 0) and np.any(slopes == 0)
 
 
 # ---------------------------------------------------------------------------------------------
