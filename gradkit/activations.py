@@ -893,8 +893,8 @@ def log_softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
 
 
 def _resolve_callable(function: Any, argument: str) -> Callable[..., jax.Array]:
-    if isinstance(function, (str, Activation)):
-        return get(function)
+    if isinstance(function, (str, Activation)) or id(function) in _BY_FUNCTION:
+        return get(function)  # a registered function brings its metadata (formula, peak)
     if not callable(function):
         raise TypeError(
             f"with_surrogate_grad: {argument} must be a callable, an Activation or a registered "
@@ -974,8 +974,17 @@ def with_surrogate_grad(forward: Any, surrogate: Any) -> Activation:
             f"where d/dx {surrogate_name}(x) = 0"
             + (f" ({surrogate_entry.zero_grad_region})" if surrogate_entry else "")
         ),
-        peak_derivative=surrogate_entry.peak_derivative if surrogate_entry else None,
+        peak_derivative=_surrogate_peak(surrogate_entry),
     )
+
+
+def _surrogate_peak(surrogate: Activation | None) -> float | Callable[..., float] | None:
+    """The surrogate's peak derivative, evaluated with the parameters bound to the surrogate."""
+    if surrogate is None or surrogate.peak_derivative is None:
+        return None
+    if not callable(surrogate.peak_derivative):
+        return surrogate.peak_derivative
+    return lambda params: surrogate.peak(**params)
 
 
 def _describe(function: Callable[..., Any]) -> str:

@@ -607,6 +607,21 @@ def test_surrogate_passes_keyword_parameters_to_both_functions():
     assert float(jax.grad(lambda x: f(x, slope=0.5))(0.5)) == pytest.approx(0.5)
 
 
+def test_surrogate_peak_uses_the_parameters_bound_to_the_surrogate():
+    # The peak of |f'| is the surrogate's, with the surrogate's own bound parameters.
+    f = with_surrogate_grad("sigmoid", get("hard_sigmoid", slope=0.2))
+    assert f.peak() == pytest.approx(0.2)
+    g = with_surrogate_grad("hard_tanh", get("leaky_relu", negative_slope=3.0))
+    assert g.peak() == pytest.approx(3.0)
+    h = with_surrogate_grad(activations.hard_sigmoid, activations.hard_sigmoid)
+    assert h.peak(slope=0.5) == pytest.approx(0.5)  # call-time parameters reach the surrogate
+    x = jnp.asarray([-1.0, 0.5, 2.0])
+    # leaky_relu's slope 1 for x > 0 is below 3 * 0.5: saturated; slope 3 for x <= 0 is not.
+    np.testing.assert_array_equal(
+        np.asarray(g.saturation_mask(x, threshold=0.5)), [False, True, True]
+    )
+
+
 def test_surrogate_works_under_vmap_of_a_network():
     f = with_surrogate_grad(get("hard_sigmoid", slope=0.2), "sigmoid")
 
