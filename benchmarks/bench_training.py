@@ -14,6 +14,11 @@ An MLP 784-512-512-10 (ReLU, softmax cross-entropy, Adam 1e-3) on random float32
   for NaN.
 * ``fit (iterable)``: ``fit`` given the same device batches as the hand-written loop.
 
+A second table measures gradient-health monitoring (issue: its cost must stay small):
+the hand-written loop with its optimizer wrapped in ``gradkit.diagnostics.health_monitor(every=1)``
+and ``health_monitor(every=100)``, and ``fit(..., health_every=1)`` / ``health_every=100``, each
+as a ratio to the same loop without monitoring.
+
 Throughput excludes compilation and start-up: each run takes ``--warmup`` steps first (the
 compile happens there), then the clock starts, and steps/second is ``--steps`` divided by the time
 until the run has finished (the hand-written loop blocks on its result; for ``fit`` the clock
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradkit.diagnostics import health_monitor
 from gradkit.layers import MLP
 from gradkit.training import fit
 
@@ -101,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         logits = model.apply(params, inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def hand_loop(steps: int, warmup: int, with_norm: bool) -> float:
+    def hand_loop(steps: int, warmup: int, with_norm: bool, tx=optimizer) -> float:
         @jax.jit
         def train_step(params, opt_state, inputs, labels):
             loss, grads = jax.value_and_grad(loss_fn)(params, (inputs, labels))
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params)
             metrics = (loss, optax.tree.norm(grads)) if with_norm else loss
             return optax.apply_updates(params, updates), opt_state, metrics
 
-        p, opt_state = params, optimizer.init(params)
+        p, opt_state = params, tx.init(params)
         start = time.perf_counter()
         for i in range(warmup + steps):
             if i == warmup and warmup:
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     def hand_written_norm(steps: int, warmup: int = 0) -> float:
         return hand_loop(steps, warmup, with_norm=True)
 
-    def timed_fit(data, batch_size, steps: int, warmup: int) -> float:
+    def timed_fit(data, batch_size, steps: int, warmup: int, health_every=None) -> float:
         clock = [time.perf_counter()]
 
         def start_clock(step, state, metrics):
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=batch_size,
             callbacks=[start_clock],
             progress=False,
+            health_every=health_every,
         )
         jax.block_until_ready(state)
         return time.perf_counter() - clock[0]
@@ -181,6 +188,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     median = {name: statistics.median(r) for name, r in rates.items()}
     best = {name: max(r) for name, r in rates.items()}
+    health_variants = {
+        "hand-written loop": hand_written,
+        "hand-written loop, health_monitor(every=1)": lambda steps, warmup=0: hand_loop(
+            steps, warmup, False, health_monitor(every=1, inner=optimizer)
+        ),
+        "hand-written loop, health_monitor(every=100)": lambda steps, warmup=0: hand_loop(
+            steps, warmup, False, health_monitor(every=100, inner=optimizer)
+        ),
+        "fit (arrays)": fit_arrays,
+        "fit (arrays), health_every=1": lambda steps, warmup=0: timed_fit(
+            (x, y), BATCH, steps, warmup, health_every=1
+        ),
+        "fit (arrays), health_every=100": lambda steps, warmup=0: timed_fit(
+            (x, y), BATCH, steps, warmup, health_every=100
+        ),
+    }
+    for name, run in health_variants.items():
+        if name not in variants:
+            run(2)
+    health_rates: dict[str, list[float]] = {name: [] for name in health_variants}
+    for _ in range(args.repeats):
+        for name, run in health_variants.items():
+            health_rates[name].append(args.steps / run(args.steps, args.warmup))
+
     print()
     lean, same = "hand-written loop", "hand-written loop + grad norm"
     print(
@@ -199,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         "\nall repetitions (steps/s): "
         + "; ".join(f"{name}: {', '.join(f'{r:.0f}' for r in rs)}" for name, rs in rates.items())
     )
+    print("\nGradient-health monitoring: time per step relative to the same loop without it")
+    print("| variant | steps/s, median | overhead (median) | overhead (best) |")
+    print("|---|---:|---:|---:|")
+    for name, rs in health_rates.items():
+        base = "fit (arrays)" if name.startswith("fit") else "hand-written loop"
+        ref = health_rates[base]
+        print(
+            f"| {name} | {statistics.median(rs):,.1f} "
+            f"| {statistics.median(ref) / statistics.median(rs) - 1:+.1%} "
+            f"| {max(ref) / max(rs) - 1:+.1%} |"
+        )
     return 0 if all(count == 1 for count in compiles.values()) else 1
 
 
