@@ -349,6 +349,7 @@ def _make_step_body(
             _check_dtypes(state.params, batch)
         (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(state.params, batch)
         grad_norm = global_norm(grads)
+        raw_grads = grads  # the health statistics describe the gradient before clipping
         if clip_global_norm is not None:
             factor = jnp.minimum(1.0, clip_global_norm / jnp.maximum(grad_norm, 1e-38))
             grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
@@ -358,7 +359,7 @@ def _make_step_body(
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         if health_every is not None:
             metrics["health"] = _gated_health(
-                state.step % health_every == 0, grads, state.params, updates
+                state.step % health_every == 0, raw_grads, state.params, updates
             )
         return new_state, metrics
 
@@ -418,7 +419,8 @@ def make_train_step(
         optimizer (same rule as ``optax.clip_by_global_norm``, without adding optimizer state).
       check_dtypes: raise if floating data and params have different dtypes (default True).
       health_every: if set to k, the metrics also hold ``"health"``: the per-leaf
-        :func:`gradkit.diagnostics.gradient_stats` of this step's gradients, params and updates
+        :func:`gradkit.diagnostics.gradient_stats` of this step's gradients (before clipping, so
+        ``clip_global_norm`` cannot hide an exploding layer), params and the updates applied
         (underflow-safe norms, NaN/Inf counts, log2-magnitude histograms, update/param ratios),
         computed inside the step when ``state.step`` (before the update) is a multiple of k and
         zeros otherwise. The gate is evaluated on the device: no host sync, no retrace, and the
@@ -1162,14 +1164,16 @@ class _Run:
         health_every = options["health_every"]
         layer_norms = {}
         if health_every is not None and (step - 1) % health_every == 0:
-            # The statistics are of the gradient taken at the params before this update.
-            stats = _health.stats_by_path(pending.health)
+            # The statistics are of the gradient taken at the params before this update. One
+            # transfer for the whole pytree, then host work on NumPy arrays only.
+            health = jax.device_get(pending.health)
+            stats = _health.stats_by_path(health)
             layer_norms = {
                 f"health/{layer}/grad_norm": norm
                 for layer, norm in _health.layer_norms(stats).items()
             }
             if writer is not None:
-                _health.log_health(writer, pending.health, step)
+                _health.log_health(writer, health, step)
         self.history.record(step, {**values, **layer_norms})
         self.good = pending.after
         if writer is not None and step % options["log_every"] == 0:

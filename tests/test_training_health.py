@@ -58,14 +58,45 @@ def test_health_update_ratio_is_the_applied_update_over_the_params():
     batch = _data()
     before = state.params
     state, metrics = step(state, batch)
-    bias = metrics["health"]["dense_1"]["bias"]
-    update = np.asarray(state.params["dense_1"]["bias"]) - np.asarray(before["dense_1"]["bias"])
-    norm_before = np.linalg.norm(np.asarray(before["dense_1"]["bias"]))
-    if norm_before > 0:
-        np.testing.assert_allclose(
-            float(bias.update_ratio), np.linalg.norm(update) / norm_before, rtol=1e-4
-        )
-    np.testing.assert_allclose(float(bias.update_norm), np.linalg.norm(update), rtol=1e-4)
+    for name in ("kernel", "bias"):
+        stats = metrics["health"]["dense_1"][name]
+        old = np.asarray(before["dense_1"][name], np.float64)
+        update = np.asarray(state.params["dense_1"][name], np.float64) - old
+        np.testing.assert_allclose(float(stats.update_norm), np.linalg.norm(update), rtol=1e-4)
+        np.testing.assert_allclose(float(stats.param_norm), np.linalg.norm(old), rtol=1e-6)
+    kernel = metrics["health"]["dense_1"]["kernel"]
+    old = np.asarray(before["dense_1"]["kernel"], np.float64)
+    update = np.asarray(state.params["dense_1"]["kernel"], np.float64) - old
+    np.testing.assert_allclose(
+        float(kernel.update_ratio), np.linalg.norm(update) / np.linalg.norm(old), rtol=1e-4
+    )
+    # the biases start at zero: a nonzero update of a zero parameter has an infinite ratio
+    assert float(metrics["health"]["dense_1"]["bias"].update_ratio) == np.inf
+
+
+def test_health_describes_the_gradient_before_clipping():
+    # Clipping to norm 1e-3 must not make an exploding gradient look tame in the statistics;
+    # the update, though, is the clipped one.
+    optimizer = optax.sgd(1.0)
+    clip = 1e-3
+    step = make_train_step(_loss, optimizer, clip_global_norm=clip, health_every=1)
+    state = TrainState.create(_params(), optimizer)
+    batch = _data()
+    grads = jax.grad(_loss)(state.params, batch)
+    new_state, metrics = step(state, batch)
+    kernel = metrics["health"]["dense_0"]["kernel"]
+    raw = np.asarray(grads["dense_0"]["kernel"], np.float64)
+    np.testing.assert_allclose(float(kernel.norm), np.linalg.norm(raw), rtol=1e-5)
+    np.testing.assert_allclose(float(kernel.max_abs), np.abs(raw).max(), rtol=1e-6)
+    total = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    assert total > 10 * clip  # the clip is active
+    applied = np.asarray(new_state.params["dense_0"]["kernel"]) - np.asarray(
+        state.params["dense_0"]["kernel"]
+    )
+    np.testing.assert_allclose(float(kernel.update_norm), np.linalg.norm(applied), rtol=1e-3)
+    np.testing.assert_allclose(
+        float(kernel.update_norm), clip * np.linalg.norm(raw) / total, rtol=1e-3
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])
