@@ -119,7 +119,7 @@ def _check_floating(caller: str, label: str, tree: PyTree, note: str = "") -> No
     bad = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         _, dtype, _ = _shape_dtype(leaf)
-        if not np.issubdtype(dtype, np.inexact):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             bad.append(f"{label}{jax.tree_util.keystr(path)}{note} has dtype {dtype.name}")
     if bad:
         raise TypeError(
@@ -156,8 +156,8 @@ def _check_like(
         shape, dtype, weak = _shape_dtype(leaf)
         compatible_weak = (
             weak
-            and np.issubdtype(ref_dtype, np.inexact)
-            and (np.issubdtype(dtype, np.inexact) or np.issubdtype(dtype, np.integer))
+            and jnp.issubdtype(ref_dtype, jnp.inexact)
+            and (jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer))
         )
         if shape != ref_shape or (dtype != ref_dtype and not compatible_weak):
             where = jax.tree_util.keystr(path) or "(the root)"
@@ -317,6 +317,8 @@ def jacobian(
     def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
         _check_positions("jacobian", argnums, len(args))
         _check_selected("jacobian", f, args, argnums)
+        if not jax.tree_util.tree_leaves(_selected(args, argnums)):
+            return _without_inputs(f, args, kwargs, argnums, has_aux)
         chosen = mode
         if chosen == "auto":
             out = jax.eval_shape(f, *args, **kwargs)
@@ -376,10 +378,28 @@ def hessian(f: Callable, argnums: int | Sequence[int] = 0, *, has_aux: bool = Fa
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
         _check_positions("hessian", argnums, len(args))
         _check_selected("hessian", f, args, argnums)
+        if not jax.tree_util.tree_leaves(_selected(args, argnums)):
+            return _without_inputs(f, args, kwargs, argnums, has_aux)
         inner = jax.jacrev(f, argnums=argnums, has_aux=has_aux)
         return jax.jacfwd(inner, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
 
     return _named(hessian_fn, f, "hessian")
+
+
+def _without_inputs(
+    f: Callable, args: Sequence[Any], kwargs: dict[str, Any], argnums: Any, has_aux: bool
+) -> Any:
+    """The Jacobian or Hessian when the differentiated arguments hold no arrays (e.g. ``{}``).
+
+    ``jax.jacfwd``/``jax.jacrev`` fail there; the derivative is every output leaf replaced by the
+    (leafless) differentiated arguments, as those transforms nest it.
+    """
+    selected = _selected(args, argnums)
+    if has_aux:
+        out, aux = f(*args, **kwargs)
+        return jax.tree_util.tree_map(lambda _: selected, out), aux
+    out = jax.eval_shape(f, *args, **kwargs)
+    return jax.tree_util.tree_map(lambda _: selected, out)
 
 
 def _named(wrapper: Callable, f: Callable, prefix: str) -> Callable:
@@ -515,7 +535,7 @@ def hvp(f: Callable, x: PyTree, v: PyTree, *, argnums: int | Sequence[int] | Non
     g, point, label = _at_point("hvp", f, x, argnums)
     v = _check_like("hvp", label, point, "v", v)
     out = jax.eval_shape(g, point)
-    if not (hasattr(out, "shape") and out.shape == () and np.issubdtype(out.dtype, np.floating)):
+    if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
         raise ValueError(
             "hvp: f must return a real scalar (the Hessian is defined for scalar functions); "
             f"it returned {_structure(out)}"

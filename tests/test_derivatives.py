@@ -398,3 +398,46 @@ def test_argnums_errors():
         hessian(f, argnums=(1, 1))
     with pytest.raises(ValueError, match="argnums=2 names argument 2"):
         jacobian(f, argnums=2)(x, W)
+
+
+def test_half_precision_inputs_are_accepted_and_keep_their_dtype():
+    def f(x):
+        return jnp.sum(x**3)
+
+    for dtype in (jnp.float16, jnp.bfloat16):
+        x = jnp.asarray([1.0, 2.0], dtype)
+        v = jnp.asarray([1.0, -1.0], dtype)
+        results = {
+            "jacobian": jacobian(lambda x: x**2)(x),
+            "hessian": hessian(f)(x),
+            "hvp": hvp(f, x, v),
+            "hvp with a Python scalar": hvp(lambda x: x**3, x[0], 2),
+            "jvp": jvp(lambda x: x**2, x, v),
+            "vjp": vjp(lambda x: x**2, x, v),
+        }
+        expected = {
+            "jacobian": np.diag([2.0, 4.0]),
+            "hessian": np.diag([6.0, 12.0]),
+            "hvp": [6.0, -12.0],
+            "hvp with a Python scalar": 12.0,
+            "jvp": [2.0, -4.0],
+            "vjp": [2.0, -4.0],
+        }
+        for name, value in results.items():
+            assert value.dtype == dtype, (name, dtype)
+            np.testing.assert_array_equal(np.asarray(value, np.float32), expected[name])
+
+
+def test_arguments_without_arrays_give_leafless_derivatives():
+    def f(params):
+        return {"a": jnp.ones(2), "b": 3.0}
+
+    for mode in ("auto", "forward", "reverse"):
+        assert jacobian(f, mode=mode)({}) == {"a": {}, "b": {}}
+    assert jax.jit(jacobian(f))({}) == {"a": {}, "b": {}}
+    assert hessian(lambda p: jnp.sum(jnp.ones(2)))({}) == {}
+    jac, aux = jacobian(lambda p, q: (jnp.ones(2), 7.0), argnums=(0, 1), has_aux=True)({}, [])
+    assert jac == ({}, []) and aux == 7.0
+    assert jvp(lambda p: jnp.ones(2), {}, {}).shape == (2,)
+    assert vjp(lambda p: jnp.ones(2), {}, jnp.ones(2)) == {}
+    assert hvp(lambda p: jnp.float32(1.0), {}, {}) == {}
