@@ -836,9 +836,9 @@ def fit(
     Raises:
       TypeError: for an optimizer that is not an optax transform, non-callable callbacks, or
         data whose float dtype differs from the params'.
-      ValueError: for a bad ``steps``/``epochs``/``batch_size``, empty data, a non-scalar loss,
-        or a checkpoint folder holding another model's checkpoints (or any, with
-        ``resume=False``).
+      ValueError: for a bad ``steps``/``epochs``/``batch_size``, empty data, a non-scalar loss
+        or ``eval_fn`` result, or a checkpoint folder holding another model's checkpoints (or
+        any, with ``resume=False``).
       NonFiniteLossError: when a step's loss or gradient norm is not finite.
       KeyboardInterrupt: re-raised after writing a final checkpoint.
 
@@ -1193,9 +1193,20 @@ class _Run:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         result = jax.device_get(self.options["eval_fn"](self.good.params))
-        if not isinstance(result, Mapping):
+        single = not isinstance(result, Mapping)
+        if single:
             result = {"eval": result}
-        values = {name: float(np.asarray(value)) for name, value in result.items()}
+        values = {}
+        for name, value in result.items():
+            array = np.asarray(value)
+            if array.shape != () or array.dtype.kind not in "biuf":
+                what = "its result" if single else f"result[{name!r}]"
+                raise ValueError(
+                    f"eval_fn must return a real scalar or a dict of them; at step {step} "
+                    f"{what} is {array.dtype} of shape {array.shape} (reduce it, e.g. with "
+                    f".mean())"
+                )
+            values[name] = float(array)
         self.history.record_eval(step, values)
         writer = self.options["writer"]
         if writer is not None:

@@ -201,6 +201,21 @@ def test_bad_fit_arguments_fail_before_any_step():
         fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=0)
 
 
+def test_an_eval_fn_returning_an_array_is_a_clear_error():
+    common = dict(steps=2, batch_size=8, eval_every=1, progress=False)
+    with pytest.raises(ValueError, match=r"eval_fn must return a real scalar.*its result is "):
+        fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), eval_fn=lambda p: p["w"], **common)
+    with pytest.raises(ValueError, match=r"at step 1 result\['w'\] is float32 of shape \(3,\)"):
+        fit(
+            linear_loss,
+            LINEAR,
+            (X, Y),
+            optax.sgd(0.1),
+            eval_fn=lambda p: {"b": p["b"], "w": p["w"]},
+            **common,
+        )
+
+
 def test_non_scalar_loss_in_fit_is_reported_before_any_update(tmp_path):
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar, got shape \(8,\)"):
         fit(
