@@ -787,7 +787,8 @@ def log_sigmoid(x: ArrayLike) -> jax.Array:
       f(x) = \log \sigma(x) = -\log(1 + e^{-x}), \qquad f'(x) = \sigma(-x) = 1 - \sigma(x).
 
     Finite for every finite :math:`x` (``log(sigmoid(x))`` is ``-inf`` in float32 below about
-    :math:`-104`); use it instead of composing ``log`` and :func:`sigmoid`.
+    :math:`-87.3`, where :math:`\sigma` underflows: XLA flushes subnormals to zero); use it
+    instead of composing ``log`` and :func:`sigmoid`.
 
     Args:
       x: floating-point array or Python float.
