@@ -156,7 +156,9 @@ def tutorial_momentum(
       An optax ``GradientTransformation``; updates keep each parameter's dtype.
 
     Raises:
-      ValueError: if ``momentum`` is outside :math:`[0, 1)` or ``learning_rate`` is negative.
+      ValueError: if ``momentum`` is outside :math:`[0, 1)` or ``learning_rate`` is negative
+        or NaN.
+      TypeError: if either is not a real number (``learning_rate`` may also be a schedule).
 
     Example:
       >>> import jax.numpy as jnp
@@ -173,10 +175,13 @@ def tutorial_momentum(
       C. Raffel, "Theano tutorial" (2015), ``gradient_updates_momentum``;
       https://github.com/craffel/theano-tutorial
     """
-    if isinstance(momentum, int | float) and not 0.0 <= momentum < 1.0:
+    value = _real_scalar(momentum, "momentum")
+    if value is not None and not 0.0 <= value < 1.0:
         raise ValueError(f"tutorial_momentum: momentum must be in [0, 1), got {momentum}")
-    if isinstance(learning_rate, int | float) and learning_rate < 0:
-        raise ValueError(f"tutorial_momentum: learning_rate must be >= 0, got {learning_rate}")
+    if not callable(learning_rate):
+        value = _real_scalar(learning_rate, "learning_rate", "or an optax schedule")
+        if value is not None and not value >= 0.0:
+            raise ValueError(f"tutorial_momentum: learning_rate must be >= 0, got {learning_rate}")
 
     def init_fn(params: PyTree) -> TutorialMomentumState:
         return TutorialMomentumState(
@@ -199,6 +204,24 @@ def tutorial_momentum(
         return steps, TutorialMomentumState(count=count, velocity=velocity)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _real_scalar(value: Any, argument: str, alternative: str = "") -> float | None:
+    """Returns ``value`` as a float, ``None`` for a traced scalar; refuses anything else."""
+    if isinstance(value, jax.core.Tracer) and jnp.shape(value) == ():
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.number | np.ndarray | jax.Array)
+        or np.shape(value) != ()
+        or np.asarray(value).dtype.kind not in "iuf"
+    ):
+        also = f" {alternative}" if alternative else ""
+        raise TypeError(
+            f"tutorial_momentum: {argument} must be a real number{also}, got {value!r} of type "
+            f"{type(value).__name__}"
+        )
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,6 +96,21 @@ def test_tutorial_momentum_rejects_bad_hyperparameters():
         tutorial_momentum(0.1, -0.1)
     with pytest.raises(ValueError, match=r"learning_rate must be >= 0, got -1"):
         tutorial_momentum(-1, 0.9)
+    with pytest.raises(ValueError, match=r"learning_rate must be >= 0, got nan"):
+        tutorial_momentum(float("nan"), 0.9)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got nan"):
+        tutorial_momentum(0.1, np.float32("nan"))
+    with pytest.raises(TypeError, match=r"momentum must be a real number, got '0.9' of type str"):
+        tutorial_momentum(0.1, "0.9")
+    with pytest.raises(TypeError, match=r"momentum must be a real number, got True"):
+        tutorial_momentum(0.1, True)
+    with pytest.raises(TypeError, match=r"learning_rate must be a real number or an optax sched"):
+        tutorial_momentum(jnp.ones(2), 0.9)
+    # NumPy and JAX scalars are numbers too, and a traced momentum is accepted unchecked
+    assert tutorial_momentum(np.float32(0.1), jnp.float32(0.9)) is not None
+    opt_state = tutorial_momentum(0.1, 0.5).init(jnp.zeros(2))
+    updates = jax.jit(lambda m: tutorial_momentum(0.1, m).update(jnp.ones(2), opt_state)[0])
+    np.testing.assert_array_equal(updates(jnp.float32(0.5)), np.zeros(2))
 
 
 # ---- global_norm ------------------------------------------------------------------------------
