@@ -246,7 +246,8 @@ def global_norm(tree: PyTree) -> jax.Array:
     anywhere gives NaN. Half-precision leaves are summed in float32.
 
     Args:
-      tree: a pytree of real arrays (empty leaves are skipped).
+      tree: a pytree of arrays (empty leaves are skipped; a complex entry counts with its
+        modulus, as in ``optax.tree.norm``).
 
     Returns:
       A scalar in the leaves' promoted dtype, at least float32.
@@ -257,7 +258,11 @@ def global_norm(tree: PyTree) -> jax.Array:
       2e-30
     """
     leaves = [jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
-    leaves = [leaf for leaf in leaves if leaf.size]
+    leaves = [
+        jnp.abs(leaf) if jnp.issubdtype(leaf.dtype, jnp.complexfloating) else leaf
+        for leaf in leaves
+        if leaf.size
+    ]
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)

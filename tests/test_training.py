@@ -144,6 +144,17 @@ def test_global_norm_under_vmap_and_in_half_precision():
     np.testing.assert_allclose(half, 1200.0, rtol=1e-6)
 
 
+def test_global_norm_of_complex_leaves_counts_their_moduli():
+    rng = np.random.default_rng(5)
+    z = (rng.normal(size=6) + 1j * rng.normal(size=6)).astype(np.complex64)
+    r = rng.normal(size=3).astype(np.float32)
+    expected = np.sqrt(np.sum(np.abs(z.astype(np.complex128)) ** 2) + np.sum(r**2.0))
+    np.testing.assert_allclose(global_norm({"z": jnp.asarray(z), "r": r}), expected, rtol=1e-6)
+    tiny = global_norm({"z": jnp.full(4, 3e-30 + 4e-30j, jnp.complex64)})
+    np.testing.assert_allclose(tiny, 1e-29, rtol=1e-6)
+    assert tiny.dtype == jnp.float32
+
+
 def test_global_norm_propagates_inf_and_nan_and_handles_empty_trees():
     assert float(global_norm({"a": jnp.array([1.0, jnp.inf])})) == np.inf
     assert np.isnan(float(global_norm({"a": jnp.array([1.0, jnp.nan]), "b": jnp.ones(2)})))
