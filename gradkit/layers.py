@@ -318,10 +318,15 @@ class Dense:
         """``(self,)``, so code that walks ``model.layers`` treats a Dense like a one-layer MLP."""
         return (self,)
 
-    def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
-        """Returns the shape of ``apply``'s output for an input of ``input_shape``."""
+    def output_shape(self, input_shape: int | Sequence[int]) -> tuple[int, ...]:
+        """Returns the shape of ``apply``'s output for an input of ``input_shape``.
+
+        An int is the number of input features, as in :meth:`init`: one example in, ``(features,)``
+        out.
+        """
         _input_features(input_shape, self._label)
-        return (*tuple(input_shape)[:-1], self.features)
+        leading = () if isinstance(input_shape, int | jnp.integer) else tuple(input_shape)[:-1]
+        return (*leading, self.features)
 
     def init(self, key: jax.Array, input_shape: int | Sequence[int]) -> dict[str, jax.Array]:
         """Creates the parameters for inputs whose last axis is ``input_shape[-1]``.

@@ -88,6 +88,9 @@ def test_dense_exposes_activation_name_and_layers():
     assert layer.layers == (layer,)
     assert Dense(2).layer_name == "dense"
     assert Dense(2).output_shape((9, 5)) == (9, 2)
+    assert Dense(2).output_shape(5) == Dense(2).output_shape((5,)) == (2,)
+    x = jnp.ones((4, 3, 5))
+    assert Dense(2).output_shape(x.shape) == Dense(2).apply(Dense(2).init(KEY, 5), x).shape
 
 
 def test_activation_names_resolve_through_gradkit_activations():
