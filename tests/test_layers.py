@@ -267,6 +267,29 @@ def test_initializer_statistics_follow_their_formulas():
     assert abs(w.std() - 1e-3) < 2e-5
 
 
+@pytest.mark.parametrize(
+    ("initializer", "variance", "uniform"),
+    [
+        (layers.glorot_normal, lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), False),
+        (layers.xavier_uniform, lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), True),
+        (layers.he_normal, lambda fan_in, fan_out: 2.0 / fan_in, False),
+        (layers.he_uniform, lambda fan_in, fan_out: 2.0 / fan_in, True),
+        (layers.lecun_normal, lambda fan_in, fan_out: 1.0 / fan_in, False),
+    ],
+)
+def test_variance_scaling_initializers_have_the_published_variance(initializer, variance, uniform):
+    # Glorot & Bengio (2010), He et al. (2015), LeCun et al. (1998): Var(w) from the fans of a
+    # (fan_in, fan_out) kernel; the uniform forms are bounded by sqrt(3 Var).
+    fan_in, fan_out = 300, 200
+    w = np.asarray(initializer(KEY, (fan_in, fan_out)), np.float64)
+    expected = variance(fan_in, fan_out)
+    assert abs(w.mean()) < 0.02 * np.sqrt(expected)
+    np.testing.assert_allclose(w.var(), expected, rtol=0.03)
+    if uniform:
+        assert np.abs(w).max() <= np.sqrt(3 * expected) * (1 + 1e-6)
+        assert np.abs(w).max() > 0.99 * np.sqrt(3 * expected)
+
+
 # ---- dtype policy -----------------------------------------------------------------------------
 
 
