@@ -303,6 +303,30 @@ def test_checkpoints_are_npz_without_pickles_written_atomically(tmp_path):
         )
 
 
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    tree = {"w": jnp.arange(3.0)}
+    first = _checkpoint.save(tmp_path, 1, tree)
+
+    def crash(handle, **arrays):
+        handle.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    for step in (2, 1):  # a new step, and a rewrite of the existing one
+        with pytest.raises(OSError, match="disk full"):
+            _checkpoint.save(tmp_path, step, {"w": jnp.zeros(3)})
+    monkeypatch.undo()
+    assert [path.name for path in tmp_path.iterdir()] == [first.name]  # no temporary left
+    restored, _, _ = _checkpoint.restore(first, tree)
+    np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
+
+
+def test_a_foreign_npz_file_is_not_taken_for_a_checkpoint(tmp_path):
+    np.savez(tmp_path / "ckpt_00000003.npz", w=np.zeros(3))
+    with pytest.raises(ValueError, match=r"is not a gradkit checkpoint \(it has no __metadata__"):
+        _run(tmp_path, steps=4)
+
+
 def test_checkpoint_round_trip_keeps_typed_keys_and_bfloat16(tmp_path):
     tree = {
         "key": jax.random.key(5),
