@@ -1339,12 +1339,15 @@ def check_grads(
     forward mode compares :math:`J v` with the finite difference of :math:`f` along :math:`v`;
     reverse mode compares :math:`\langle J^\top c, v\rangle` with the finite difference of
     :math:`\langle c, f\rangle`. The cost does not depend on the input size: one compiled call
-    with ``(2 * 3 + 1) * probes * leaves`` function evaluations. When a direction fails, the
-    failing leaf is bisected (about :math:`2 \log_2 N` more directional checks) down to the worst
-    element, so the report names an index without building the Jacobian.
-    ``method="full"`` compares every entry of the Jacobian: central differences for every input
-    element, batched in one compiled call per leaf; suspicious entries are confirmed with the
-    Richardson table before they count as failures.
+    with ``6 * probes * leaves + 1`` function evaluations, ``probes * leaves`` JVPs and
+    ``probes`` VJPs. When a direction fails, the failing leaf is bisected (about
+    :math:`\log_2 N` more calls of the same compiled batch) down to the worst element, so the
+    report names an index without building the Jacobian.
+    ``method="full"`` compares every entry of the Jacobian: one central difference per input
+    element (``2 N + 1`` evaluations in one compiled loop that perturbs one element at a time in
+    place), against the reverse-mode Jacobian (``outputs`` VJPs) and the forward-mode one
+    (``N`` JVPs); entries outside the tolerance are confirmed with the Richardson table before
+    they count as failures.
 
     When the platform has no float64 (or ``float64_reference=False``), the finite differences run
     in the dtype of ``f`` with a larger step; the error bar then widens and more comparisons may

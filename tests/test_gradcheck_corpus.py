@@ -59,7 +59,8 @@ def test_smooth_functions_pass_in_float64():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_whole_corpus_passes(dtype, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
+    selected = request.config.getoption("markexpr") or ""
+    if "slow" not in selected or "not slow" in selected:
         pytest.skip("the whole corpus takes minutes; run it with `python -m pytest -m slow`")
     if dtype == "float64":
         with jax.enable_x64(True):
