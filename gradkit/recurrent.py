@@ -323,6 +323,39 @@ def _checked(step: Step, init: PyTree) -> Step:
     return checked_step
 
 
+def _step_input_shapes(xs: PyTree) -> PyTree:
+    """Shapes and dtypes of one step's input (also when xs has no steps)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
+
+
+def _promote_weak_init(step: Step, init: PyTree, xs: PyTree) -> PyTree:
+    """Gives weakly typed init leaves (Python scalars) the dtype the step returns, as lax.scan does.
+
+    With float64 enabled a Python ``0.0`` is a weak float64, and a step that computes in float32
+    returns a float32 carry; ``lax.scan`` accepts this by promoting the init, and so does
+    :func:`scan`. Leaves that are not weakly typed must match exactly (:func:`_checked` says
+    where they do not).
+    """
+    leaves = jax.tree.leaves(init)
+    if not any(jax.typeof(leaf).weak_type for leaf in leaves):
+        return init
+    try:
+        out = jax.eval_shape(step, init, _step_input_shapes(xs))
+    except Exception:  # the checked step raises the readable error when it runs
+        return init
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return init
+    if jax.tree.structure(out[0]) != jax.tree.structure(init):
+        return init
+
+    def promote(leaf, new):
+        if not jax.typeof(leaf).weak_type or jnp.shape(leaf) != new.shape:
+            return leaf
+        return lax.convert_element_type(leaf, jnp.result_type(leaf, new))
+
+    return jax.tree.map(promote, init, out[0])
+
+
 def _as_mask(mask: ArrayLike, length: int) -> jax.Array:
     mask = jnp.asarray(mask)
     if mask.ndim == 0 or mask.shape[0] != length:
@@ -510,7 +543,7 @@ def scan(
     unroll = _check_unroll(unroll)
     if not isinstance(reverse, bool):
         raise TypeError(f"scan: reverse must be a bool; got {reverse!r}")
-    init = jax.tree.map(jnp.asarray, init)
+    init = _promote_weak_init(step, jax.tree.map(jnp.asarray, init), xs)
     body = _checked(step, init)
     if mask is not None:
         mask = _as_mask(mask, n_steps)
@@ -1046,7 +1079,9 @@ def tbptt_value_and_grad(
         raise ValueError(f"tbptt_value_and_grad: k2 must be >= k1; got k1={k1}, k2={k2}")
     unroll = _check_unroll(unroll)
     n_steps = _time_length(xs, None)
-    init = jax.tree.map(jnp.asarray, init)
+    init = _promote_weak_init(
+        lambda carry, x: loss_step(params, carry, x), jax.tree.map(jnp.asarray, init), xs
+    )
     n_blocks = -(-n_steps // k1)
     counted = jnp.asarray(np.arange(k2) >= k2 - k1)
 
@@ -1093,7 +1128,11 @@ def tbptt_value_and_grad(
         return (next_start, end, total + loss, grads), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, params)
-    loss_shape = jax.eval_shape(lambda: checked_loss_step(params)(init, _first_step_input(xs))[1])
+    loss_shape = jax.eval_shape(
+        lambda x: checked_loss_step(params)(init, x)[1], _step_input_shapes(xs)
+    )
+    if n_steps == 0:
+        return jnp.zeros((), loss_shape.dtype), zero_grads, init
     state = (init, init, jnp.zeros((), loss_shape.dtype), zero_grads)
     (_, final, total, grads), _ = lax.scan(block, state, jnp.arange(n_blocks))
     return total, grads, final

@@ -619,3 +619,25 @@ def test_xs_none_with_length_runs():
     h, ys = scan(lambda h, _: (h + 1.0, h), 0.0, None, length=4, truncate=Window(2))
     assert float(h) == 4.0
     np.testing.assert_array_equal(ys, [0.0, 1.0, 2.0, 3.0])
+
+
+def test_python_scalar_init_takes_the_step_dtype_like_lax_scan():
+    # Under x64 a Python 0.0 is a weak float64; a float32 step returns float32 carries.
+    xs = jnp.linspace(-1.0, 1.0, T, dtype=jnp.float32)
+    with jax.enable_x64():
+        w = jnp.float32(0.7)
+
+        def step(h, x):
+            h = jnp.tanh(w * h + x)
+            return h, h
+
+        want = lax.scan(step, 0.0, xs)
+        for mode in (Full(), Chunked(2), Window(2), TheanoTail(2)):
+            got = scan(step, 0.0, xs, truncate=mode, mask=np.ones(T, bool), remat=2)
+            assert got[0].dtype == got[1].dtype == jnp.float32
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    # An integer Python scalar becomes the float carry the step returns, as in lax.scan.
+    got = scan(lambda h, x: (h + x, h), 0, xs)
+    want = lax.scan(lambda h, x: (h + x, h), 0, xs)
+    assert got[0].dtype == want[0].dtype == jnp.float32
+    np.testing.assert_array_equal(got[1], want[1])

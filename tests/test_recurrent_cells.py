@@ -421,6 +421,15 @@ def test_tbptt_memory_does_not_grow_with_length():
     assert temp_bytes(full, 4000) > 3 * temp_bytes(full, 1000)
 
 
+def test_tbptt_with_no_steps_returns_zero_loss_and_gradient_and_the_init():
+    params, init, xs = _tbptt_problem()
+    empty = jax.tree.map(lambda a: a[:0], xs)
+    loss, grads, final = tbptt_value_and_grad(_loss_step, params, init, empty, k1=2, k2=3)
+    assert loss.shape == () and float(loss) == 0.0
+    jax.tree.map(lambda g, p: np.testing.assert_array_equal(g, np.zeros_like(p)), grads, params)
+    np.testing.assert_array_equal(final, init)
+
+
 def test_tbptt_errors():
     params, init, xs = _tbptt_problem()
     with pytest.raises(ValueError, match="k2 must be >= k1; got k1=3, k2=2"):
