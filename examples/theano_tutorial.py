@@ -181,11 +181,9 @@ def nan_debugging() -> None:
         check("jax_debug_nans turns the nan into an error", True)
     else:
         check("jax_debug_nans turns the nan into an error", False)
-    find_nan_origin = getattr(diagnostics, "find_nan_origin", None)
-    if find_nan_origin is not None:
-        report = find_nan_origin(divide, zero, zero)
-        print(report)
-        check("find_nan_origin names the division", report.found and "div" in str(report.first))
+    report = diagnostics.find_nan_origin(divide, zero, zero)
+    print(report)
+    check("find_nan_origin names the division", report.found and "div" in str(report.first))
 
 
 def float_x() -> None:

@@ -51,6 +51,9 @@ def test_theano_tutorial_example_reproduces_the_numpy_trajectory(tmp_path):
         output,
     )
     assert "with jax.debug_nans(True): invalid value (nan) encountered in div" in output
+    assert re.search(
+        r"first: div in the forward pass produced NaN at .*theano_tutorial\.py:", output
+    )
 
     for name in ("decision_surface", "cost_curve", "output_per_iteration", "history"):
         image = matplotlib.image.imread(tmp_path / f"{name}.png")
