@@ -315,9 +315,7 @@ def jacobian(
     argnums = _normalise_argnums("jacobian", argnums)
 
     def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
-        _check_positions("jacobian", argnums, len(args))
-        _check_selected("jacobian", f, args, argnums)
-        if not jax.tree_util.tree_leaves(_selected(args, argnums)):
+        if not _check_call("jacobian", f, args, argnums):
             return _without_inputs(f, args, kwargs, argnums, has_aux)
         chosen = mode
         if chosen == "auto":
@@ -376,14 +374,19 @@ def hessian(f: Callable, argnums: int | Sequence[int] = 0, *, has_aux: bool = Fa
     argnums = _normalise_argnums("hessian", argnums)
 
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
-        _check_positions("hessian", argnums, len(args))
-        _check_selected("hessian", f, args, argnums)
-        if not jax.tree_util.tree_leaves(_selected(args, argnums)):
+        if not _check_call("hessian", f, args, argnums):
             return _without_inputs(f, args, kwargs, argnums, has_aux)
         inner = jax.jacrev(f, argnums=argnums, has_aux=has_aux)
         return jax.jacfwd(inner, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
 
     return _named(hessian_fn, f, "hessian")
+
+
+def _check_call(caller: str, f: Callable, args: Sequence[Any], argnums: Any) -> bool:
+    """Checks a call of a Jacobian or Hessian function; False if the arguments hold no arrays."""
+    _check_positions(caller, argnums, len(args))
+    _check_selected(caller, f, args, argnums)
+    return bool(jax.tree_util.tree_leaves(_selected(args, argnums)))
 
 
 def _without_inputs(
