@@ -877,7 +877,9 @@ class RNN:
         ``TheanoTail(k)``); give one or the other.
       remat: passed to :func:`scan`.
       backwards: process the sequence from the end (Lasagne's name for ``reverse``).
-      only_return_final: return only the last output ``(batch, out)``.
+      only_return_final: return only the output of the last step ``(batch, out)``; with a
+        mask, of each sequence's last unmasked step, like Lasagne, whose masked steps carry
+        the hidden state forward (zero for a sequence masked throughout).
       unroll: passed to :func:`scan`.
 
     Raises:
@@ -960,7 +962,8 @@ class RNN:
         Args:
           params: the cell's parameters.
           xs: ``(batch, time, features)``.
-          mask: ``(batch, time)``; where False the carry is kept and the output is zero.
+          mask: ``(batch, time)``; where False the carry is kept and the output is zero
+            (``only_return_final`` returns each sequence's last unmasked output).
           initial_carry: the cell's carry with a leading batch axis; zeros by default.
 
         Returns:
@@ -998,7 +1001,16 @@ class RNN:
             unroll=self.unroll,
         )
         if self.only_return_final:
-            return ys[0] if self.backwards else ys[-1]
+            if mask is None:
+                return ys[0] if self.backwards else ys[-1]
+            # Each sequence's last step that ran, in processing order (its outputs after that
+            # are zero): Lasagne returns the hidden state carried past the padding.
+            last = (
+                jnp.argmax(mask, axis=0)
+                if self.backwards
+                else mask.shape[0] - 1 - jnp.argmax(mask[::-1], axis=0)
+            )
+            return ys[last, jnp.arange(batch)]
         return jnp.swapaxes(ys, 0, 1)
 
 

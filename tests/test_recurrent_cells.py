@@ -269,8 +269,17 @@ def test_rnn_layer_mask_is_batch_major():
     full = RNN(cell).apply(params, xs[1:2, :4])
     np.testing.assert_allclose(out[1, :4], full[0], rtol=1e-6)
     np.testing.assert_array_equal(out[1, 4:], 0.0)
-    final = RNN(cell, only_return_final=True).apply(params, xs, mask=mask)
-    np.testing.assert_array_equal(final[1], 0.0)  # a masked last step outputs zero
+    # only_return_final gives each sequence's last unmasked output, as Lasagne returns the
+    # hidden state carried past the padding; a sequence masked throughout gives zeros.
+    mask[2] = False
+    final = jax.jit(RNN(cell, only_return_final=True).apply)(params, xs, mask=mask)
+    np.testing.assert_allclose(final[0], RNN(cell).apply(params, xs[:1])[0, -1], rtol=1e-6)
+    np.testing.assert_allclose(final[1], full[0, -1], rtol=1e-6)
+    np.testing.assert_array_equal(final[2], 0.0)
+    backwards = RNN(cell, backwards=True, only_return_final=True).apply(params, xs, mask=mask)
+    want = RNN(cell, backwards=True).apply(params, xs[1:2, :4])[0, 0]
+    np.testing.assert_allclose(backwards[1], want, rtol=1e-6)
+    np.testing.assert_array_equal(backwards[2], 0.0)
 
 
 def test_rnn_layer_errors():
