@@ -283,6 +283,7 @@ class Dense:
     """
 
     features: int
+    _: dataclasses.KW_ONLY
     activation: Activation = None
     w_init: Initializer = glorot_uniform
     b_init: Initializer = zeros

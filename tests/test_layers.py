@@ -122,6 +122,8 @@ def test_dense_rejects_bad_constructor_arguments():
         Dense(2, param_dtype=jnp.int32)
     with pytest.raises(TypeError, match=r"w_init must be an initializer"):
         Dense(2, w_init="glorot")
+    with pytest.raises(TypeError, match=r"positional argument"):
+        Dense(2, "relu")  # everything after features is keyword-only
 
 
 # ---- shape errors (Theano's test values) ------------------------------------------------------
