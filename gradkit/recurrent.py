@@ -497,6 +497,13 @@ def scan(
     The equations that drop a cotangent run inside ``jax.named_scope("gradkit_truncation[<mode>]")``
     so that gradient checkers can report the resulting mismatch as intended.
 
+    **Second derivatives** (``jax.hessian``, forward-over-reverse): :class:`Chunked` and
+    :class:`TheanoTail` cut with ``lax.stop_gradient``, which holds the cut values constant in
+    every further differentiation too, so differentiating their gradient again gives the
+    derivative of the truncated surrogate loss, not of the truncated gradient as a function of
+    the inputs. :class:`Window`'s backward pass is ordinary JAX code; differentiating it gives
+    the derivative of the truncated gradient itself.
+
     **Masks**: where ``mask[t]`` is False the carry passes through unchanged and the outputs are
     zero. Masked steps still count toward k: truncation is by position, not by valid steps.
 

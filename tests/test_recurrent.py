@@ -198,15 +198,18 @@ def test_remat_never_changes_values_or_gradients(mode, reverse):
             _assert_trees_close(value_and_grad(*problem, mode, remat, reverse), reference)
 
 
-def test_remat_chunk_bounds_what_the_backward_pass_stores():
+@pytest.mark.parametrize("mode", [Full(), Window(3)], ids=repr)
+def test_remat_chunk_bounds_what_the_backward_pass_stores(mode):
     # remat=c keeps T/c chunk-boundary carries plus c carries of one chunk: the residual
-    # memory of the compiled gradient shrinks accordingly.
+    # memory of the compiled gradient shrinks accordingly (Window's custom VJP included).
     n = 400
     xs = jnp.ones((n, 64))
     w = jnp.eye(64) * 0.5
 
     def loss(w, remat):
-        _, hs = scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, jnp.zeros(64), xs, remat=remat)
+        _, hs = scan(
+            lambda h, x: (jnp.tanh(h @ w + x),) * 2, jnp.zeros(64), xs, remat=remat, truncate=mode
+        )
         return jnp.sum(hs)
 
     def temp_bytes(remat):
@@ -449,9 +452,44 @@ def test_window_under_forward_mode_raises_clear_error():
 
     with pytest.raises(TypeError, match=r"Window\(2\).*only a reverse-mode gradient"):
         jax.jvp(f, (1.0,), (1.0,))
-    # Forward-over-reverse works: jvp of the (plain JAX) backward pass.
-    hessian = jax.jacfwd(jax.grad(f))(1.0)
-    assert np.isfinite(hessian)
+    with pytest.raises(TypeError, match=r"Window\(2\).*only a reverse-mode gradient"):
+        jax.jacfwd(f)(1.0)
+    with pytest.raises(TypeError, match="forward-mode"):  # raised by jax, when applied
+        jax.linearize(f, 1.0)[1](1.0)
+    # Forward-over-reverse works (jvp of the plain-JAX backward pass) and gives the derivative
+    # of the truncated gradient as a function: a float64 central difference of it agrees.
+    with jax.enable_x64():
+        theta, h0, xs, weights, final_weights = _problem(15)
+
+        def windowed(scale):
+            return _scan_loss(theta, h0, xs * scale, weights, final_weights, Window(2))
+
+        gradient = jax.jit(jax.grad(windowed))
+        step = 1e-5
+        want = (gradient(1.3 + step) - gradient(1.3 - step)) / (2 * step)
+        forward_over_reverse = jax.jacfwd(jax.grad(windowed))(1.3)
+        np.testing.assert_allclose(forward_over_reverse, want, rtol=1e-7)
+        np.testing.assert_allclose(jax.jacrev(jax.grad(windowed))(1.3), forward_over_reverse)
+
+
+def test_second_derivative_of_stop_gradient_truncation_is_the_surrogates():
+    # Chunked cuts with stop_gradient, which also holds the cut carries constant when the
+    # gradient is differentiated again: the result is the hand-placed surrogate's, not the
+    # central difference of the truncated gradient (the scan docstring says so).
+    with jax.enable_x64():
+        theta, h0, xs, weights, final_weights = _problem(15)
+
+        def chunked(scale):
+            return _scan_loss(theta, h0, xs * scale, weights, final_weights, Chunked(2))
+
+        def hand(scale):
+            return _hand_truncated_loss(Chunked(2), theta, h0, xs * scale, weights, final_weights)
+
+        got = jax.jacfwd(jax.grad(chunked))(1.3)
+        np.testing.assert_allclose(got, jax.jacfwd(jax.grad(hand))(1.3), rtol=1e-10)
+        gradient = jax.jit(jax.grad(chunked))
+        central = (gradient(1.3 + 1e-5) - gradient(1.3 - 1e-5)) / 2e-5
+        assert abs(got - central) > 0.1 * abs(central)
 
 
 def test_chunked_supports_forward_mode():
