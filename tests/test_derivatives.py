@@ -106,25 +106,55 @@ def _vector_function(tree: dict) -> dict:
     return {"a": jnp.tanh(flat) * flat[0], "b": jnp.exp(flat[:2]).sum() * flat[-1:]}
 
 
+def _jacobians(tree):
+    """gradkit's Jacobian in each mode next to jax.jacrev's and jax.jacfwd's."""
+    modes = ("auto", "forward", "reverse")
+    ours = {mode: jacobian(_vector_function, mode=mode)(tree) for mode in modes}
+    return ours, jax.jacrev(_vector_function)(tree), jax.jacfwd(_vector_function)(tree)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_jacobian_matches_jacfwd_and_jacrev_on_random_pytrees(seed):
     rng = np.random.default_rng(seed)
     with enable_x64():
         tree = _random_tree(rng)
-        expected = jax.jacrev(_vector_function)(tree)
-        for mode in ("auto", "forward", "reverse"):
-            got = jacobian(_vector_function, mode=mode)(tree)
+        ours, expected, forward = jax.jit(_jacobians)(tree)  # one compilation per seed
+        for mode, got in ours.items():
             assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
             for a, b in zip(
                 jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True
             ):
-                assert a.dtype == jnp.float64
+                assert a.dtype == jnp.float64, mode
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-        forward = jax.jacfwd(_vector_function)(tree)
         for a, b in zip(
             jax.tree_util.tree_leaves(forward), jax.tree_util.tree_leaves(expected), strict=True
         ):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _products_and_references(tree, v, u):
+    """gradkit's hessian, hvp, jvp and vjp, and dense and finite-difference references."""
+    flat, unravel = ravel_pytree(tree)
+    flat_v = ravel_pytree(v)[0]
+
+    def scalar_flat(z):
+        return _scalar_function(unravel(z))
+
+    def vector_flat(z):
+        return ravel_pytree(_vector_function(unravel(z)))[0]
+
+    grad_flat = jax.grad(scalar_flat)
+    eps = 1e-6
+    return {
+        "blocks": hessian(_scalar_function)(tree),
+        "dense": jax.hessian(scalar_flat)(flat),
+        "hvp": hvp(_scalar_function, tree, v),
+        "hvp_fd": (grad_flat(flat + eps * flat_v) - grad_flat(flat - eps * flat_v)) / (2 * eps),
+        "dense_jac": jax.jacfwd(vector_flat)(flat),
+        "jvp": jvp(_vector_function, tree, v),
+        "jvp_fd": (vector_flat(flat + eps * flat_v) - vector_flat(flat - eps * flat_v)) / (2 * eps),
+        "vjp": vjp(_vector_function, tree, u),
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -133,53 +163,35 @@ def test_hessian_hvp_jvp_vjp_match_dense_references_on_random_pytrees(seed):
     with enable_x64():
         tree = _random_tree(rng)
         v = {k: jnp.asarray(rng.normal(size=leaf.shape)) for k, leaf in tree.items()}
-        flat, unravel = ravel_pytree(tree)
-        flat_v, _ = ravel_pytree(v)
-        dense = jax.hessian(lambda z: _scalar_function(unravel(z)))(flat)
+        out = jax.eval_shape(_vector_function, tree)
+        u = jax.tree_util.tree_map(lambda o: jnp.asarray(rng.normal(size=o.shape)), out)
+        got = jax.jit(_products_and_references)(tree, v, u)  # one compilation per seed
+        flat_v, flat_u = ravel_pytree(v)[0], ravel_pytree(u)[0]
+        dense, dense_jac = got["dense"], got["dense_jac"]
 
         # hessian: reassemble the nested blocks into a dense matrix.
-        blocks = hessian(_scalar_function)(tree)
+        blocks = got["blocks"]
         keys = list(tree)
         rows = [
             jnp.concatenate(
-                [
-                    blocks[r].get(c).reshape(tree[r].size, tree[c].size)
-                    if isinstance(blocks[r], dict)
-                    else blocks[r]
-                    for c in keys
-                ],
-                axis=1,
+                [blocks[r][c].reshape(tree[r].size, tree[c].size) for c in keys], axis=1
             )
             for r in keys
         ]
         np.testing.assert_allclose(jnp.concatenate(rows, axis=0), dense, rtol=1e-10, atol=1e-10)
 
         # hvp against the dense product and against central differences of the gradient.
-        got = ravel_pytree(hvp(_scalar_function, tree, v))[0]
-        np.testing.assert_allclose(got, dense @ flat_v, rtol=1e-10, atol=1e-10)
-        grad_flat = jax.grad(lambda z: _scalar_function(unravel(z)))
-        eps = 1e-6
-        fd = (grad_flat(flat + eps * flat_v) - grad_flat(flat - eps * flat_v)) / (2 * eps)
-        np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-6)
+        assert jax.tree_util.tree_structure(got["hvp"]) == jax.tree_util.tree_structure(tree)
+        product = ravel_pytree(got["hvp"])[0]
+        np.testing.assert_allclose(product, dense @ flat_v, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(product, got["hvp_fd"], rtol=1e-6, atol=1e-6)
 
         # jvp and vjp against the dense Jacobian of the flattened vector function.
-        def vector_flat(z):
-            return ravel_pytree(_vector_function(unravel(z)))[0]
-
-        dense_jac = jax.jacfwd(vector_flat)(flat)
-        np.testing.assert_allclose(
-            ravel_pytree(jvp(_vector_function, tree, v))[0], dense_jac @ flat_v, rtol=1e-10
-        )
-        fd_jvp = (vector_flat(flat + eps * flat_v) - vector_flat(flat - eps * flat_v)) / (2 * eps)
-        np.testing.assert_allclose(
-            ravel_pytree(jvp(_vector_function, tree, v))[0], fd_jvp, rtol=1e-6, atol=1e-6
-        )
-        out = _vector_function(tree)
-        u = jax.tree_util.tree_map(lambda o: jnp.asarray(rng.normal(size=o.shape)), out)
-        flat_u = ravel_pytree(u)[0]
-        got_vjp = vjp(_vector_function, tree, u)
-        assert jax.tree_util.tree_structure(got_vjp) == jax.tree_util.tree_structure(tree)
-        np.testing.assert_allclose(ravel_pytree(got_vjp)[0], flat_u @ dense_jac, rtol=1e-10)
+        tangent = ravel_pytree(got["jvp"])[0]
+        np.testing.assert_allclose(tangent, dense_jac @ flat_v, rtol=1e-10)
+        np.testing.assert_allclose(tangent, got["jvp_fd"], rtol=1e-6, atol=1e-6)
+        assert jax.tree_util.tree_structure(got["vjp"]) == jax.tree_util.tree_structure(tree)
+        np.testing.assert_allclose(ravel_pytree(got["vjp"])[0], flat_u @ dense_jac, rtol=1e-10)
 
 
 def test_multi_argument_products_with_tuple_argnums():
