@@ -237,6 +237,29 @@ def test_helpers_work_under_jit_and_vmap():
     np.testing.assert_allclose(hv, jax.hessian(lambda y: jnp.sum(f(y)))(x) @ x, rtol=1e-6)
 
 
+def test_helpers_work_inside_jax_grad():
+    # Differentiating through each helper gives the next derivative, checked against formulas.
+    x = jnp.array([0.5, -1.0, 2.0])
+    v = jnp.array([1.0, 2.0, -0.5])
+
+    def quartic(x):
+        return jnp.sum(x**4)
+
+    def through_helpers(x):
+        return (
+            jnp.sum(hvp(quartic, x, v) * v),  # sum 12 x^2 v^2
+            jnp.sum(jacobian(jnp.sin)(x)),  # sum cos x
+            jnp.sum(hessian(quartic)(x)),  # sum 12 x^2
+            jnp.sum(jvp(jnp.sin, x, v)),  # sum v cos x
+            jnp.sum(vjp(jnp.sin, x, v)),  # sum v cos x
+        )
+
+    grads = jax.jit(jax.jacrev(through_helpers))(x)
+    expected = (24 * x * v**2, -jnp.sin(x), 24 * x, -v * jnp.sin(x), -v * jnp.sin(x))
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_jacobian_has_aux_and_float32_dtype():
     def f(x):
         return (x**3, {"norm": jnp.sum(x**2)})
