@@ -471,6 +471,27 @@ def test_zero_grad_mask_matches_the_declared_regions():
         np.testing.assert_array_equal(np.asarray(mask), region, err_msg=name)
 
 
+def test_zero_grad_mask_marks_float32_underflow_of_smooth_activations():
+    # Independent of the code: float32 exp(x) is 0 below -87.3 (subnormals flushed), tanh rounds
+    # to +-1 beyond |x| ~ 8, the normal density phi(x) underflows beyond |x| ~ 13.2.
+    x = jnp.asarray([-200.0, -90.0, -80.0, -20.0, 0.0, 7.5, 9.0, 20.0, 90.0], jnp.float32)
+    exp_underflow = [True, True, False, False, False, False, False, False, False]
+    expected = {
+        "tanh": [True, True, True, True, False, False, True, True, True],
+        "elu": exp_underflow,  # alpha e^x
+        "selu": exp_underflow,
+        "softplus": exp_underflow,  # sigmoid(x) ~ e^x
+        "silu": exp_underflow,  # sigmoid(x) (1 + x (1 - sigmoid(x)))
+        "mish": exp_underflow,
+        "log_sigmoid": exp_underflow[::-1],  # sigmoid(-x)
+        "gelu": [True, True, True, True, False, False, False, False, False],  # Phi + x phi
+        "identity": [False] * 9,
+        "leaky_relu": [False] * 9,
+    }
+    for name, region in expected.items():
+        np.testing.assert_array_equal(np.asarray(get(name).zero_grad_mask(x)), region, err_msg=name)
+
+
 def test_sigmoid_zero_grad_mask_shows_float32_underflow():
     sigmoid = get("sigmoid")
     x = jnp.asarray([0.0, 10.0, 16.5, 16.7, 20.0, -20.0, -80.0, -90.0], jnp.float32)
