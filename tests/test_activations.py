@@ -483,7 +483,7 @@ def test_zero_grad_mask_marks_float32_underflow_of_smooth_activations():
         "softplus": exp_underflow,  # sigmoid(x) ~ e^x
         "silu": exp_underflow,  # sigmoid(x) (1 + x (1 - sigmoid(x)))
         "mish": exp_underflow,
-        "log_sigmoid": exp_underflow[::-1],  # sigmoid(-x)
+        "log_sigmoid": [False] * 8 + [True],  # sigmoid(-x)
         "gelu": [True, True, True, True, False, False, False, False, False],  # Phi + x phi
         "identity": [False] * 9,
         "leaky_relu": [False] * 9,
