@@ -334,6 +334,9 @@ def _make_step_body(
     health_every: int | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure (un-jitted) step shared by :func:`make_train_step` and :func:`fit`."""
+    # optax's convention for transforms that need the loss (line searches, reduce_on_plateau):
+    # chains pass these keyword arguments on to the members that accept them.
+    takes_extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def loss_and_aux(params: PyTree, batch: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
         out = loss_fn(params, batch)
@@ -381,7 +384,17 @@ def _make_step_body(
         if clip_global_norm is not None:
             factor = jnp.minimum(1.0, clip_global_norm / jnp.maximum(grad_norm, 1e-38))
             grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if takes_extra_args:
+            updates, opt_state = optimizer.update(
+                grads,
+                state.opt_state,
+                state.params,
+                value=loss,
+                grad=grads,
+                value_fn=lambda params: loss_and_aux(params, batch)[0],
+            )
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
@@ -441,7 +454,10 @@ def make_train_step(
       loss_fn: ``loss_fn(params, batch) -> scalar``, or ``-> (scalar, aux)`` with ``has_aux``,
         where ``aux`` is a dict of scalars that is added to the metrics.
       optimizer: an optax ``GradientTransformation``; create the state with
-        ``TrainState.create(params, optimizer)``.
+        ``TrainState.create(params, optimizer)``. An ``optax.GradientTransformationExtraArgs``
+        (every optax chain, ``optax.lbfgs``, ``optax.contrib.reduce_on_plateau``) also receives
+        ``value`` (the loss), ``grad`` (the gradient it is given) and ``value_fn`` (the loss on
+        this batch as a function of the params), as optax's line searches expect.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       clip_global_norm: if set, gradients are scaled by :math:`\min(1, c / \|g\|)` before the
         optimizer (same rule as ``optax.clip_by_global_norm``, without adding optimizer state).
