@@ -111,9 +111,15 @@ def test_cell_parameter_shapes_and_initialisation():
     np.testing.assert_array_equal(lstm["bias"][H : 2 * H], 1.5)
     simple = SimpleRNN(H).init(jax.random.key(0), I)
     bound = 1 / math.sqrt(H)
-    for leaf in jax.tree.leaves((gru, simple, lstm["kernel"])):
+    lstm_other_biases = jnp.concatenate([lstm["bias"][:H], lstm["bias"][2 * H :]])
+    leaves = [*jax.tree.leaves((gru, simple, lstm["kernel"])), lstm_other_biases]
+    for leaf in leaves:
         assert leaf.dtype == jnp.float32
         assert float(jnp.max(jnp.abs(leaf))) <= bound
+        # Uniform on [-bound, bound]: both signs, spread over the interval, no repeats.
+        assert float(jnp.max(leaf)) > 0.5 * bound and float(jnp.min(leaf)) < -0.5 * bound
+        assert len(np.unique(np.asarray(leaf))) == leaf.size
+    assert not np.allclose(simple["kernel"][:, :H], simple["recurrent_kernel"][:I])
     h, c = LSTM(H).initial_carry()
     assert h.shape == c.shape == (H,) and not jnp.any(h) and not jnp.any(c)
 
