@@ -613,6 +613,10 @@ class History:
     def plot(self, names: Sequence[str] | None = None, *, path: str | Path | None = None) -> Any:
         """Plots each metric against the step, one panel per metric (needs matplotlib).
 
+        Each panel shows the steps where the metric was recorded (NaN entries are left out);
+        gradient norms (``grad_norm``, ``health/<layer>/grad_norm``) use a log scale when
+        positive.
+
         Args:
           names: the metrics to plot (train or eval); default all train then all eval metrics.
           path: if given, the figure is also saved there (PNG, SVG, … by extension).
@@ -639,11 +643,14 @@ class History:
         for axis, name in zip(axes[:, 0], names, strict=True):
             values = self[name]
             steps = self.steps if name in self._train else self.eval_steps
+            # Metrics recorded every k steps (health/...) are NaN in between: plot the recorded
+            # points only, or isolated points between NaNs would draw no line at all.
+            recorded = np.isfinite(values)
+            steps, values = steps[recorded], values[recorded]
             marker = "o" if len(values) <= 50 else None
             axis.plot(steps, values, marker=marker, markersize=3)
             axis.set_ylabel(name if name in self._train else f"eval {name}")
-            positive = values[np.isfinite(values)]
-            if name == "grad_norm" and positive.size and np.all(positive > 0):
+            if name.endswith("grad_norm") and values.size and np.all(values > 0):
                 axis.set_yscale("log")
             axis.grid(True, alpha=0.3)
         axes[-1, 0].set_xlabel("step")

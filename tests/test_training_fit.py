@@ -11,6 +11,7 @@ import pytest
 
 matplotlib.use("Agg")
 import matplotlib.image
+import matplotlib.pyplot
 
 from gradkit import _checkpoint, training
 from gradkit._tensorboard import read_scalars
@@ -457,6 +458,22 @@ def test_history_plot_writes_a_real_image(tmp_path):
     assert np.ptp(image[..., :3]) > 0.5  # not a blank canvas
     with pytest.raises(KeyError, match=r"no metric 'nope'"):
         history.plot(["nope"])
+
+
+def test_history_plot_draws_metrics_recorded_every_k_steps():
+    history = History()
+    for step in range(1, 101):
+        metrics = {"loss": 1.0 / step}
+        if step % 10 == 1:  # as fit records health/<layer>/grad_norm with health_every=10
+            metrics["health/dense_0/grad_norm"] = 10.0**-step
+        history.record(step, metrics)
+    figure = history.plot()
+    (line,) = figure.axes[1].lines
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(1, 101, 10))
+    np.testing.assert_array_equal(line.get_ydata(), 10.0 ** -np.arange(1, 101, 10))
+    assert figure.axes[1].get_yscale() == "log"
+    assert len(figure.axes[0].lines[0].get_xdata()) == 100
+    matplotlib.pyplot.close(figure)
 
 
 def test_history_pads_metrics_that_appear_late_and_round_trips():
