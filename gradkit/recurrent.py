@@ -104,7 +104,20 @@ class Full(Truncation):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Chunked(Truncation):
+class _StepCount(Truncation):
+    """A truncation with a number of steps ``k >= 1``, checked on construction."""
+
+    k: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "k", _check_steps(self.k, type(self).__name__))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.k})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Chunked(_StepCount):
     r"""TBPTT(k, k) of Williams & Peng: the sequence is cut into chunks of k steps.
 
     The carry's gradient is cut where it enters steps ``k, 2k, ...`` (0-based, in processing
@@ -128,17 +141,9 @@ class Chunked(Truncation):
       of recurrent network trajectories", Neural Computation 2(4), 1990.
     """
 
-    k: int
-
-    def __post_init__(self):
-        object.__setattr__(self, "k", _check_steps(self.k, "Chunked"))
-
-    def __repr__(self) -> str:
-        return f"Chunked({self.k})"
-
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Window(Truncation):
+class Window(_StepCount):
     r"""TBPTT(1, k): every output back-propagates exactly k steps, its own step included.
 
     Unlike :class:`Chunked`, the truncation is uniform in time: the loss at every step sees the
@@ -160,17 +165,9 @@ class Window(Truncation):
       Window(3)
     """
 
-    k: int
-
-    def __post_init__(self):
-        object.__setattr__(self, "k", _check_steps(self.k, "Window"))
-
-    def __repr__(self) -> str:
-        return f"Window({self.k})"
-
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class TheanoTail(Truncation):
+class TheanoTail(_StepCount):
     r"""Theano's ``scan(truncate_gradient=k)``: only the last k steps of the backward pass run.
 
     This is what Lasagne's ``gradient_steps=k`` computed. Every loss term at a step before the
@@ -192,14 +189,6 @@ class TheanoTail(Truncation):
       >>> TheanoTail(1)
       TheanoTail(1)
     """
-
-    k: int
-
-    def __post_init__(self):
-        object.__setattr__(self, "k", _check_steps(self.k, "TheanoTail"))
-
-    def __repr__(self) -> str:
-        return f"TheanoTail({self.k})"
 
 
 def _as_truncation(truncate: Any) -> Truncation:
