@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradkit._corpus import BUGS, ONE_ELEMENT_INDEX
+from gradkit._corpus import BUGS, ONE_ELEMENT_INDEX, bug_line
 from gradkit.diagnostics import check_grads
 
 
@@ -70,3 +70,7 @@ def test_second_order_bug_passes_at_first_order():
     (bug,) = [b for b in BUGS if b.name == "second_order"]
     args = bug.make_args(jnp.float32, np.random.default_rng(0))
     assert check_grads(bug.function, *args).verdict == "pass"
+    # At order 2 locate=True examines the derivative function and finds the wrong inner rule.
+    report = check_grads(bug.function, *args, order=2, locate=True)
+    assert report.location.culprit.line == bug_line(bug.name)
+    assert report.location.function.startswith("vjp_of_")
