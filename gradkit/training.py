@@ -666,14 +666,17 @@ class History:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised by :func:`fit` when a step's loss or gradient norm is NaN or infinite.
+    """Raised by :func:`fit` when a step's loss or gradient norm is NaN or infinite, or when
+    its update makes the params non-finite although both were finite (an optimizer dividing by
+    zero or overflowing).
 
     Attributes:
-      step: the step number (1-based) whose loss or gradient was not finite.
+      step: the step number (1-based) whose loss, gradient or update was not finite.
       state: the state *before* that step (its params are the last finite ones; pass them with
         ``batch`` to ``gradkit.diagnostics.find_nan_origin`` to find the operation responsible).
       batch: the batch of that step.
-      history: the metrics up to the previous step.
+      history: the metrics recorded so far (up to the previous step for a non-finite loss or
+        gradient; including the step for a non-finite update, whose metrics were finite).
       checkpoint: the newest checkpoint left in ``checkpoint_dir`` (``None`` without one); the
         failing state is never written.
     """
@@ -828,8 +831,9 @@ def fit(
     continues from the newest checkpoint, and a run interrupted at step n and resumed ends with
     bit-for-bit the parameters of an uninterrupted run (same device and software). A checkpoint
     of a different model or optimizer is refused with the list of differences. A NaN or infinite
-    loss or gradient norm stops the run with :class:`NonFiniteLossError`; the failing state is
-    not checkpointed, so the newest checkpoint is the last good one.
+    loss or gradient norm, or an update that makes the params non-finite, stops the run with
+    :class:`NonFiniteLossError`; params are checked on the host before every checkpoint and a
+    non-finite state is never written, so the newest checkpoint is the last good one.
 
     Data parallelism uses JAX's sharding: with ``mesh`` (or ``data_parallel=True``, a 1-D mesh
     over ``jax.devices()``) the batch is split along the mesh's first axis and params and
@@ -1000,6 +1004,20 @@ def fit(
 _MAX_STEPS_IN_FLIGHT = 4
 
 
+def _non_finite_paths(params: PyTree) -> list[str]:
+    """The pytree paths of the float leaves of ``params`` holding NaN or Inf (on the host)."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+        array = np.asarray(leaf)
+        if not jnp.issubdtype(array.dtype, jnp.inexact):
+            continue
+        if array.dtype.kind not in "fc":  # bfloat16 and the other ml_dtypes
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
 class _Pending(NamedTuple):
     step: int
     before: TrainState
@@ -1029,6 +1047,7 @@ class _Run:
             state = jax.device_put(state, self.replicated)
         self.state = state
         self.good = state  # the newest state whose metrics were finite
+        self.consumed: _Pending | None = None  # the step that produced self.good
         self.checkpointed_step = int(state.step)
         self.body = body
         if batches.arrays is not None:
@@ -1193,18 +1212,18 @@ class _Run:
         step = pending.step
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             bar.close()
+            previous = self.consumed
+            if previous is not None and previous.step == step - 1:
+                bad = _non_finite_paths(pending.before.params)
+                if bad:  # the loss is fine, the previous update is not
+                    raise self._update_error(previous, bad)
             last = self.history["loss"][-1] if len(self.history) else None
-            kept = (
-                f"the newest checkpoint, {self.last_checkpoint}, is the last good one"
-                if self.last_checkpoint
-                else "no checkpoint was written"
-            )
             raise NonFiniteLossError(
                 f"training stopped at step {step}: the loss is {values['loss']} and the "
-                f"gradient norm {values['grad_norm']} (previous loss: {last}); {kept}. "
-                "The error's .state (params before this step) and .batch reproduce it, e.g. "
-                "with gradkit.diagnostics.find_nan_origin(loss_fn, error.state.params, "
-                "error.batch).",
+                f"gradient norm {values['grad_norm']} (previous loss: {last}); "
+                f"{self._kept()}. The error's .state (params before this step) and .batch "
+                "reproduce it, e.g. with gradkit.diagnostics.find_nan_origin(loss_fn, "
+                "error.state.params, error.batch).",
                 step=step,
                 state=pending.before,
                 batch=pending.batch(),
@@ -1227,6 +1246,7 @@ class _Run:
                 _health.log_health(writer, health, step)
         self.history.record(step, {**values, **layer_norms})
         self.good = pending.after
+        self.consumed = pending
         if writer is not None and step % options["log_every"] == 0:
             for name, value in values.items():
                 writer.add_scalar(f"train/{name}", value, step)
@@ -1265,11 +1285,35 @@ class _Run:
                 writer.add_scalar(f"eval/{name}", value, step)
         return {f"eval_{name}": value for name, value in values.items()}
 
+    def _kept(self) -> str:
+        if self.last_checkpoint:
+            return f"the newest checkpoint, {self.last_checkpoint}, is the last good one"
+        return "no checkpoint was written"
+
+    def _update_error(self, pending: _Pending, bad: list[str]) -> NonFiniteLossError:
+        """The error for a step whose loss and gradient were finite but whose update was not."""
+        return NonFiniteLossError(
+            f"training stopped at step {pending.step}: its update made the params non-finite "
+            f"({', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}) although its loss and "
+            "gradient were finite (the optimizer divided by zero, e.g. eps=0 with a zero "
+            f"gradient, or overflowed); {self._kept()}. The error's .state (params before that "
+            "step) and .batch reproduce it.",
+            step=pending.step,
+            state=pending.before,
+            batch=pending.batch(),
+            history=self.history,
+            checkpoint=self.last_checkpoint,
+        )
+
     def _save(self) -> None:
         directory = self.options["checkpoint_dir"]
         step = int(self.good.step)
         if directory is None or step == self.checkpointed_step:
             return
+        if self.consumed is not None:  # never write non-finite params as a checkpoint
+            bad = _non_finite_paths(self.good.params)
+            if bad:
+                raise self._update_error(self.consumed, bad)
         arrays, metadata = self.history.to_arrays()
         self.last_checkpoint = _checkpoint.save(
             directory,

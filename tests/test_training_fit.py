@@ -420,6 +420,44 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert _leaves_equal(restored.params, error.state.params)
 
 
+def _dead_relu_loss(params, batch):
+    x, y = batch
+    return jnp.mean((jax.nn.relu(x @ params["w"] + params["b"]) - y) ** 2)
+
+
+# Every unit is dead, so the gradient is exactly 0, and Adam with eps=0 divides 0 by 0: the loss
+# and gradient of step 1 are finite, the params it produces are not.
+DEAD = {"w": jnp.full(D, 0.1), "b": jnp.full((), -100.0)}
+
+
+def test_an_update_that_makes_the_params_non_finite_is_blamed_on_its_step():
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"stopped at step 1: its update made the params non-finite \(\['b'\], \['w'\]\) "
+        r"although its loss and gradient were finite",
+    ) as info:
+        fit(_dead_relu_loss, DEAD, (X, Y), optax.adam(0.1, eps=0.0), steps=5, progress=False)
+    error = info.value
+    assert error.step == 1 and int(error.state.step) == 0
+    assert _leaves_equal(error.state.params, DEAD)
+    updates, _ = optax.adam(0.1, eps=0.0).update(
+        jax.grad(_dead_relu_loss)(DEAD, error.batch), optax.adam(0.1, eps=0.0).init(DEAD)
+    )
+    assert np.isnan(np.asarray(updates["w"])).all()  # it reproduces the NaN update
+
+
+def test_non_finite_params_are_never_checkpointed(tmp_path):
+    common = dict(checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    fit(_dead_relu_loss, DEAD, (X, Y), optax.adam(0.1), steps=2, **common)  # finite: eps > 0
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 3: its update.*ckpt_00000002\.npz, is the last good one"
+    ) as info:
+        fit(_dead_relu_loss, DEAD, (X, Y), optax.adam(0.1, eps=0.0), steps=8, **common)
+    assert [step for step, _ in _checkpoint.list_checkpoints(tmp_path)] == [1, 2]
+    assert info.value.checkpoint.name == "ckpt_00000002.npz"
+    assert int(info.value.state.step) == 2 and _leaves_equal(info.value.state.params, DEAD)
+
+
 # ---- TensorBoard and plots --------------------------------------------------------------------
 
 
