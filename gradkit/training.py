@@ -953,7 +953,8 @@ def fit(
             )
         if newest is not None:
             state, extra, metadata = _checkpoint.restore(newest, state)
-            history = History.from_arrays(extra, metadata)
+            if "history_steps" in extra:  # a checkpoint written by fit (not bare save)
+                history = History.from_arrays(extra, metadata)
 
     writer = None
     if log_dir is not None:

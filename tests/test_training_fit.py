@@ -328,6 +328,25 @@ def test_a_foreign_npz_file_is_not_taken_for_a_checkpoint(tmp_path):
         _run(tmp_path, steps=4)
 
 
+def test_fit_resumes_from_a_state_saved_without_history(tmp_path):
+    optimizer = optax.sgd(0.1)
+    state, _ = fit(linear_loss, LINEAR, (X, Y), optimizer, steps=3, shuffle=False, progress=False)
+    _checkpoint.save(tmp_path, 3, state)
+    resumed, history = fit(
+        linear_loss,
+        LINEAR,
+        (X, Y),
+        optimizer,
+        steps=5,
+        shuffle=False,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    np.testing.assert_array_equal(history.steps, [4, 5])
+    again, _ = fit(linear_loss, LINEAR, (X, Y), optimizer, steps=5, shuffle=False, progress=False)
+    assert _leaves_equal(resumed.params, again.params)
+
+
 def test_checkpoint_round_trip_keeps_typed_keys_and_bfloat16(tmp_path):
     tree = {
         "key": jax.random.key(5),
