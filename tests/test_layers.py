@@ -317,6 +317,23 @@ def test_param_dtype_and_dtype_overrides():
     assert integers.dtype == jnp.float32
 
 
+def test_the_computation_runs_in_dtype_not_in_the_params_dtype():
+    # bfloat16 params and inputs, float32 computation: the products and the sum are float32, so
+    # the result is the float64 NumPy value of the same bfloat16 numbers to float32 precision
+    # (a bfloat16 computation would be off by about 1e-2).
+    layer = Dense(4, param_dtype=jnp.bfloat16, dtype=jnp.float32, b_init=layers.normal(1.0))
+    params = layer.init(KEY, (64,))
+    x = jax.random.normal(jax.random.key(3), (8, 64), jnp.bfloat16)
+    expected = _numpy_dense(
+        {name: np.asarray(value, np.float32) for name, value in params.items()},
+        np.asarray(x, np.float32),
+    )
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), expected, rtol=1e-5, atol=1e-5)
+    in_bfloat16 = Dense(4, param_dtype=jnp.bfloat16).apply(params, x)
+    assert in_bfloat16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(in_bfloat16, np.float32), expected, rtol=0.05, atol=0.1)
+
+
 # ---- observability taps -----------------------------------------------------------------------
 
 
