@@ -110,7 +110,7 @@ class Expression:
     variables: dict[str, sympy.Symbol]
 
     def __str__(self) -> str:
-        return str(self.sympy)
+        return _format(self.sympy)
 
     def __repr__(self) -> str:
         return f"Expression({self})"
@@ -160,6 +160,29 @@ def _is_formula(value: Any) -> bool:
     return isinstance(value, sympy.Basic | sympy.NDimArray)
 
 
+def _format(value: Any) -> str:
+    """``str()`` of a formula or of the output container holding formulas.
+
+    Constants carry more digits than they show (so that ``evaluate`` is exact); sympy pads a
+    constant printed on its own, or inside a Python container, with zeros up to those digits, so
+    every formula is printed with padding stripped.
+    """
+    if _is_formula(value):
+        return sympy.sstr(value, full_prec=False)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        pairs = zip(value._fields, value, strict=True)
+        fields = ", ".join(f"{name}={_format(v)}" for name, v in pairs)
+        return f"{type(value).__name__}({fields})"
+    if isinstance(value, tuple):
+        inner = ", ".join(_format(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_format(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _latex_name(name: str) -> str:
     match = re.fullmatch(r"(.*)\[([0-9, ]+)\]", name)
     if match is None:
@@ -188,16 +211,35 @@ def _number(value: Any, dtype: np.dtype) -> sympy.Basic:
         return sympy.nan
     if math.isinf(as_float):
         return sympy.oo if as_float > 0 else -sympy.oo
+    # The shortest decimal that rounds to the constant in its own dtype is what is shown; it is
+    # stored with at least the digits the dtype needs to round-trip (float32: 8, float64: 17), so
+    # that evaluating the formula reproduces the constant (a Float of 1 digit, 0.007, would hold
+    # 0.00702).
+    digits = _shortest_decimal(typed, dtype)
+    stored = int(jax.numpy.finfo(dtype).precision) + 2
     if as_float.is_integer():
-        return sympy.Integer(int(as_float))
+        # Whole numbers are integers when their shortest decimal is the exact value (3, 300000000);
+        # 1e30 in float32 is 1000000015047466219876688855040 exactly, and is shown as 1.0e+30.
+        if float(digits) == as_float and abs(as_float) < 2.0**63:
+            return sympy.Integer(int(as_float))
+        return sympy.Float(digits, stored)
     # A fraction with a small denominator that rounds to this constant in its own dtype
     # (0.5, 1/3, 0.1) is what the author wrote; anything else keeps its shortest decimal.
     fraction = fractions.Fraction(as_float).limit_denominator(_MAX_DENOMINATOR)
     if dtype.type(fraction.numerator / fraction.denominator) == typed:
         return sympy.Rational(fraction.numerator, fraction.denominator)
-    digits = np.format_float_positional(typed, unique=True, trim="-")
-    significant = len(digits.replace("-", "").replace(".", "").lstrip("0")) or 1
-    return sympy.Float(digits, max(significant, 1))
+    significant = len(digits.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
+    return sympy.Float(digits, max(significant, stored))
+
+
+def _shortest_decimal(value: Any, dtype: np.dtype) -> str:
+    """The shortest decimal that rounds to ``value`` in ``dtype`` (for every float dtype)."""
+    for count in range(1, 18):
+        text = f"{float(value):.{count}g}"
+        with np.errstate(over="ignore"):  # 4e+38 overflows float32 on the way to 3.4028235e+38
+            if dtype.type(float(text)) == value:
+                return text
+    return repr(float(value))
 
 
 def _constant_array(value: Any) -> np.ndarray:

@@ -237,6 +237,27 @@ def test_constants_are_written_as_a_person_would():
         assert str(expression(lambda x: x * np.pi, jnp.float64(1.0))) == "3.141592653589793*x"
 
 
+@pytest.mark.parametrize("constant", [0.007, 0.0123, 1.5e-5, 1e-30, 1e30, 0.044715, 3e8])
+def test_constants_print_short_and_evaluate_to_their_value(constant):
+    # Short decimals are shown as written but keep the float32 value: evaluating the formula
+    # reproduces the function's output to float32 precision.
+    formula = expression(lambda x: constant * x, 1.0)
+    shown = str(formula).removesuffix("*x")
+    assert float(shown) == pytest.approx(constant, rel=1e-12), shown
+    assert len(shown.replace("e+", "e").replace("e-", "e")) <= len(repr(constant)) + 2, shown
+    np.testing.assert_allclose(formula.evaluate(1.0), np.float32(constant), rtol=1e-7)
+
+
+def test_constants_are_not_padded_with_zeros_anywhere():
+    assert str(expression(jax.grad(lambda x: 0.007 * x), 1.0)) == "0.007"
+    assert str(expression(lambda x: (0.007, x), 1.0)) == "(0.007, x)"
+    assert str(expression(lambda x: (0.007 * x,), 1.0)) == "(0.007*x,)"
+    assert str(expression(lambda x: {"a": [x, 0.007]}, 1.0)) == "{'a': [x, 0.007]}"
+    # bfloat16 constants are shown with the shortest decimal that rounds to them in bfloat16.
+    assert str(expression(lambda x: 0.007 * x, jnp.bfloat16(1.0))) == "0.007*x"
+    assert str(expression(lambda x: 1e30 * x, 1.0)) == "1.0e+30*x"  # not 1000000015047466...
+
+
 def test_variable_names():
     def f(weight, bias):
         return weight * bias
