@@ -88,6 +88,15 @@ class TrainState:
     ) -> TrainState:
         """Returns the state at step 0: ``optimizer.init(params)`` and ``key`` (or ``key(seed)``).
 
+        Args:
+          params: the initial parameters (any pytree; leaves are converted with ``jnp.asarray``).
+          optimizer: the optax transform whose state to create.
+          key: the run's PRNG key; default ``jax.random.key(seed)``.
+          seed: the seed used when ``key`` is not given.
+
+        Returns:
+          A :class:`TrainState` with ``step`` 0 (int32).
+
         Raises:
           TypeError: if ``optimizer`` is not an optax ``GradientTransformation``.
         """
