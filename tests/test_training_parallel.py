@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
         jax.debug.inspect_array_sharding(batch[0], callback=seen.append)
         return jnp.mean((model.apply(p, batch[0])[:, 0] - batch[1]) ** 2)
 
-    common = dict(steps=12, batch_size=16, progress=False, seed=1)
+    common = dict(steps=12, batch_size=16, progress=False, seed=1, health_every=3)
     single, h1 = fit(loss, params, (x, y), optax.adam(1e-2), **common)
     parallel, h4 = fit(loss, params, (x, y), optax.adam(1e-2), data_parallel=True, **common)
 
@@ -38,6 +38,11 @@ SCRIPT = textwrap.dedent(
                     jax.tree_util.tree_leaves(parallel.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(h1["loss"], h4["loss"], rtol=2e-5)
+    # gradient-health statistics are computed on the sharded step too, on the same steps
+    for layer in ("dense_0", "dense_1"):
+        norms1, norms4 = h1[f"health/{layer}/grad_norm"], h4[f"health/{layer}/grad_norm"]
+        np.testing.assert_array_equal(np.isfinite(norms4), np.arange(12) % 3 == 0)
+        np.testing.assert_allclose(norms1, norms4, rtol=2e-5)
 
     # an explicit mesh and an iterable of batches
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
