@@ -16,9 +16,9 @@ and every other entry against an independently written reference for the same ma
 ``lax.scan`` with hand-placed ``stop_gradient``); an entry whose gradient is wrong is reported as
 WRONG instead of a time.
 
-Memory: peak resident set size of one value-and-gradient call on workload B at T = 100,000,
-each configuration in its own subprocess: full BPTT, ``remat="sqrt"`` and streaming
-``tbptt_value_and_grad(k1=k2=100)``.
+Memory: peak resident set size (device memory on a GPU) of one value-and-gradient call on
+workload B at T = 100,000, each configuration in its own subprocess: full BPTT,
+``remat="sqrt"`` and streaming ``tbptt_value_and_grad(k1=k2=100)``.
 
 PyTensor is not a gradkit dependency. Install it next to gradkit to get its columns, e.g. in a
 virtual environment that sees the system packages:
@@ -467,7 +467,11 @@ def _rss_kib(field: str) -> int:
 
 
 def memory_child(config: str, steps: int) -> None:
-    """Runs one value-and-gradient call and prints its peak RSS as JSON."""
+    """Runs one value-and-gradient call and prints its peak memory as JSON.
+
+    On the CPU the peak is the process's resident set size (its high-water mark reset after
+    compilation where the kernel allows); on an accelerator, the device's peak bytes in use.
+    """
     w = Workload("B", steps)
     args = jax.block_until_ready(w.device_args())
     w.xs = w.targets = None  # keep only the device copy of the inputs
@@ -489,21 +493,30 @@ def memory_child(config: str, steps: int) -> None:
     else:
         fn = gradkit_tbptt(w, 100, 100)
     compiled = jax.jit(fn).lower(*args).compile()
-    try:  # reset the high-water mark so that compilation does not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
-    before = _rss_kib("VmRSS")
-    loss, grads = jax.block_until_ready(compiled(*args))
-    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        # On an accelerator the activations live in device memory, not in the host's RSS.
+        before = device.memory_stats()["bytes_in_use"]
+        loss, grads = jax.block_until_ready(compiled(*args))
+        peak, reset, unit = device.memory_stats()["peak_bytes_in_use"], True, 2**20
+    else:
+        try:  # reset the high-water mark so that compilation does not count
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            reset = True
+        except OSError:
+            reset = False
+        before = _rss_kib("VmRSS")
+        loss, grads = jax.block_until_ready(compiled(*args))
+        peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        unit = 1024
     print(
         json.dumps(
             {
                 "config": config,
-                "peak_mib": peak / 1024,
-                "before_mib": before / 1024,
+                "memory": "host RSS" if device.platform == "cpu" else f"{device.platform} memory",
+                "peak_mib": peak / unit,
+                "before_mib": before / unit,
                 "peak_reset": reset,
                 "loss": float(loss),
                 "grads": {k: np.asarray(v).ravel()[:64].tolist() for k, v in grads.items()},
@@ -534,9 +547,13 @@ def memory(steps: int):
         "sqrt": 'full BPTT, remat="sqrt"',
         "tbptt": "tbptt_value_and_grad(k1=k2=100)",
     }
-    print(f"\nMemory: workload B, T = {steps:,}, one value_and_grad call, each in a subprocess")
+    kind = full["memory"]
     print(
-        f"| {'configuration':<34} | {'peak RSS MiB':>12} | {'RSS before call':>15} | "
+        f"\nMemory ({kind}): workload B, T = {steps:,}, one value_and_grad call, "
+        "each configuration in a subprocess"
+    )
+    print(
+        f"| {'configuration':<34} | {'peak MiB':>12} | {'before call':>15} | "
         f"{'peak - before':>13} |"
     )
     print(f"|{'-' * 36}|{'-' * 14}|{'-' * 17}|{'-' * 15}|")
@@ -548,7 +565,7 @@ def memory(steps: int):
     growth = {c: r["peak_mib"] - r["before_mib"] for c, r in results.items()}
     print(f"  remat='sqrt' gradient equals full BPTT's: {'yes' if same else 'NO'}")
     print(
-        f"  streaming / full, peak RSS: {results['tbptt']['peak_mib'] / full['peak_mib']:.2f}; "
+        f"  streaming / full, peak: {results['tbptt']['peak_mib'] / full['peak_mib']:.2f}; "
         f"growth during the call: {growth['tbptt'] / growth['full']:.3f} (target <= 0.2)"
     )
     if not full["peak_reset"]:
@@ -596,7 +613,11 @@ def main(argv=None) -> int:
         print(f"\nNote: {note}.")
     if not args.no_memory:
         memory(memory_steps)
-    print("\nGPU: not measured (no GPU on this machine).")
+    if jax.default_backend() == "cpu":
+        print(
+            "\nGPU: not measured (JAX runs on the CPU here); run this script where JAX sees a GPU "
+            "for the GPU column."
+        )
     return 0
 
 
