@@ -976,6 +976,13 @@ class RNN:
         batch = xs.shape[0]
         if initial_carry is None:
             one = self.cell.initial_carry(dtype=xs.dtype)
+            # Zeros in the dtype the cell computes in (float64 parameters, float32 input: float64).
+            x_example = jax.ShapeDtypeStruct(xs.shape[2:], xs.dtype)
+            new = jax.eval_shape(self.cell.apply, params, one, x_example)[0]
+            if jax.tree.structure(new) == jax.tree.structure(one):
+                one = jax.tree.map(
+                    lambda a, n: a.astype(n.dtype) if a.shape == n.shape else a, one, new
+                )
             initial_carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), one)
         if mask is not None:
             mask = jnp.asarray(mask)

@@ -190,6 +190,18 @@ def test_rnn_layer_runs_the_cell_over_batch_major_input():
     np.testing.assert_allclose(backwards[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_rnn_layer_default_carry_takes_the_cells_dtype():
+    # float64 parameters with float32 input compute in float64; the zero carry follows.
+    with jax.enable_x64():
+        xs = jax.random.normal(jax.random.key(6), (B, T, I), jnp.float32)
+        for cell in (GRU(H), LSTM(H)):
+            layer = RNN(cell)
+            params = layer.init(jax.random.key(8), I, dtype=jnp.float64)
+            out = layer.apply(params, xs)
+            assert out.dtype == jnp.float64
+            np.testing.assert_array_equal(out, layer.apply(params, xs.astype(jnp.float64)))
+
+
 @pytest.mark.parametrize(
     ("layer_kwargs", "truncate"),
     [
