@@ -15,6 +15,7 @@ import html
 import math
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -27,6 +28,11 @@ from jax.typing import ArrayLike
 
 from gradkit import _probe
 from gradkit import activations as _activations
+
+try:  # public since JAX 0.4.36; Flax uses it the same way, to tell trace levels apart
+    from jax.extend.core import get_opaque_trace_state as _get_trace_state
+except ImportError:  # pragma: no cover - depends on the JAX version
+    _get_trace_state = None
 
 PyTree = Any
 
@@ -761,6 +767,10 @@ class HealthReport:
       recommendations: candidate fixes, best first (fewest symptoms left, then largest gain).
       reference_layer: the layer whose gradient norm the ratio thresholds compare with.
       thresholds: the thresholds used.
+      unobserved: layer boundaries marked inside a transformation that ``loss_fn`` applies
+        itself (``jax.vmap``, ``lax.scan``, a nested ``jax.jit`` or ``jax.checkpoint``), whose
+        values cannot be read from outside it; their layers are judged from their parameter
+        gradients alone.
     """
 
     loss: float
@@ -769,6 +779,7 @@ class HealthReport:
     recommendations: list[Recommendation]
     reference_layer: str | None
     thresholds: dict[str, float]
+    unobserved: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -827,6 +838,12 @@ class HealthReport:
             lines.append("No problem found.")
         for finding in self.findings:
             lines.append(f"* {finding.message}")
+        if self.unobserved:
+            lines.append(
+                f"(Boundaries {', '.join(self.unobserved)} are inside a vmap, scan, jit or "
+                "checkpoint of loss_fn and were not observed; their layers are judged from "
+                "parameter gradients only.)"
+            )
         if self.recommendations:
             lines.append("")
             lines.append("Fixes tried on the same batch (best first):")
@@ -847,6 +864,7 @@ class HealthReport:
             "layers": [layer.to_dict() for layer in self.layers],
             "findings": [dataclasses.asdict(f) for f in self.findings],
             "recommendations": [r.to_dict() for r in self.recommendations],
+            "unobserved": list(self.unobserved),
         }
 
     def _repr_html_(self) -> str:
@@ -884,12 +902,25 @@ class HealthReport:
         return plot_report(self, path)
 
 
+def _trace_state() -> Any:
+    """An opaque token for the JAX trace now active (``None`` if JAX cannot say)."""
+    if _get_trace_state is None:  # pragma: no cover - depends on the JAX version
+        return None
+    return _get_trace_state(convention="gradkit")
+
+
 class _Recorder:
     """Collector for the discovery trace: remembers names, kinds and activations in order.
 
     It also answers :func:`gradkit._probe.activation`: it notes which taps are followed by the
     layer's activation (only those can take a surrogate gradient) and returns the substitute
     activation for the taps in ``substitutes``.
+
+    Only taps made at the trace level of ``loss_fn`` itself are observed. A tap inside a
+    transformation that ``loss_fn`` applies (``jax.vmap`` over examples, ``lax.scan``, a nested
+    ``jax.jit`` or ``jax.checkpoint``) sees values that cannot leave that transformation; it is
+    left as the identity and its name is kept in ``hidden``, and that layer is judged from its
+    parameter gradients alone.
     """
 
     def __init__(self, substitutes: Mapping[str, Any] | None = None) -> None:
@@ -897,7 +928,9 @@ class _Recorder:
         self._counts: dict[str, int] = {}
         self._latest: dict[str, str] = {}
         self.hooked: set[str] = set()
+        self.hidden: list[str] = []
         self.substitutes = dict(substitutes or {})
+        self.trace_state: Any = None
 
     def key(self, name: str) -> str:
         count = self._counts.get(name, 0)
@@ -906,7 +939,18 @@ class _Recorder:
         self._latest[name] = key
         return key
 
+    def observable(self, name: str) -> bool:
+        """Whether a tap of ``name`` made now can be observed (see the class docstring)."""
+        if self.trace_state is None or _trace_state() == self.trace_state:
+            return True
+        self._latest.pop(name, None)  # so activation() does not pair it with an earlier tap
+        if name not in self.hidden:
+            self.hidden.append(name)
+        return False
+
     def tap(self, name: str, value: jax.Array, *, kind: str, activation: Any) -> jax.Array:
+        if not self.observable(name):
+            return value
         self.taps.append((self.key(name), kind, activation))
         return value
 
@@ -929,6 +973,8 @@ class _Perturber(_Recorder):
         self.values: dict[str, jax.Array] = {}
 
     def tap(self, name: str, value: jax.Array, *, kind: str, activation: Any) -> jax.Array:
+        if not self.observable(name):
+            return value
         key = self.key(name)
         self.taps.append((key, kind, activation))
         self.values[key] = value
@@ -969,20 +1015,35 @@ def _natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+def _param_name(path: tuple[Any, ...]) -> str:
+    """A parameter leaf's path name; ``"params"`` when the parameters are a single array."""
+    return path_name(path) or "params"
+
+
 def _param_groups(params: PyTree) -> dict[str, list[str]]:
     """Groups parameter leaf paths by their parent path, in natural order."""
     groups: dict[str, list[str]] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = path_name(path)
+        name = _param_name(path)
         groups.setdefault(layer_of(name), []).append(name)
     return dict(sorted(groups.items(), key=lambda item: _natural_key(item[0])))
 
 
-def _match_group(tap_name: str, groups: dict[str, list[str]]) -> str | None:
+def _match_group(tap_name: str, groups: Mapping[str, list[str]], used: set[str]) -> str | None:
+    """The parameter group a tap's gradients belong to, or ``None``.
+
+    The group whose path ends with the tap's name comes first (a Flax module path
+    ``Block_1/Dense_0`` owns ``params/Block_1/Dense_0``, not ``params/Block_0/Dense_0``); failing
+    that, one whose last part is the name's last part. Groups in ``used`` are taken already.
+    """
     base = tap_name.split("#")[0]
-    for group in groups:
-        parts = group.split("/")
-        if group == base or parts[-1] == base.split("/")[-1]:
+    free = [group for group in groups if group not in used]
+    for group in free:
+        if group == base or group.endswith("/" + base):
+            return group
+    last = base.split("/")[-1]
+    for group in free:
+        if group.split("/")[-1] == last:
             return group
     return None
 
@@ -1060,15 +1121,15 @@ def diagnose(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_floating("params", params)
     overrides = dict(activations or {})
-    runner = _Runner(loss_fn, batch, has_aux, flax_modules, overrides)
-    runner.discover(params)
-    base = runner.analyse(params)
+    params = jax.tree_util.tree_map(_strong_array, params)
+    runner, arrays = _runner_for(loss_fn, params, batch, has_aux, flax_modules, overrides)
+    base = runner.analyse(params, arrays)
     reference = _reference_layer(base.layers)
     findings = _judge(base.layers, reference)
     recommendations = []
     if try_fixes and findings:
         key = jax.random.key(0) if key is None else key
-        recommendations = _try_fixes(runner, params, base, findings, reference, key)
+        recommendations = _try_fixes(runner, arrays, params, base, findings, reference, key)
     return HealthReport(
         loss=base.loss,
         layers=base.layers,
@@ -1083,26 +1144,103 @@ def diagnose(
             "DEAD_UNIT_SHARE": DEAD_UNIT_SHARE,
             "SATURATED_FRACTION": SATURATED_FRACTION,
         },
+        unobserved=list(runner.hidden),
     )
 
 
-class _Runner:
-    """Traces the loss once to find the boundaries, then evaluates any params of that shape."""
+def _strong_array(leaf: Any) -> jax.Array:
+    """``leaf`` as a JAX array without a weak type, so ``jnp.full(n, 0.1)`` and a float32 array
+    of the same shape share one compiled analysis."""
+    leaf = jnp.asarray(leaf)
+    return leaf.astype(leaf.dtype) if leaf.weak_type else leaf
 
-    def __init__(self, loss_fn, batch, has_aux, flax_modules, overrides):
-        self.loss_fn = loss_fn
-        self.batch = batch
+
+def _is_batch_array(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic)
+
+
+#: Runners (discovery trace and compiled analyses) kept per loss function, so that diagnosing
+#: the same model again (every few epochs, or the fixed model after the broken one) does not
+#: trace and compile it again. Keyed weakly: the cache never keeps a loss function alive.
+_RUNNERS: weakref.WeakKeyDictionary[Any, dict[Any, _Runner]] = weakref.WeakKeyDictionary()
+#: At most this many batch/parameter signatures are kept per loss function.
+_RUNNERS_PER_FUNCTION = 8
+
+
+def _runner_for(loss_fn, params, batch, has_aux, flax_modules, overrides):
+    """The (possibly cached) runner for this call, and the batch's array leaves.
+
+    Array leaves of the batch become arguments of the compiled analysis; every other leaf (a
+    Python number, a string, a flag) is static, part of the cache key, as ``jax.jit`` would
+    treat a static argument.
+    """
+    leaves, batch_def = jax.tree_util.tree_flatten(batch)
+    is_array = tuple(_is_batch_array(leaf) for leaf in leaves)
+    arrays = [jnp.asarray(leaf) for leaf, array in zip(leaves, is_array, strict=True) if array]
+    static = tuple(leaf for leaf, array in zip(leaves, is_array, strict=True) if not array)
+    param_leaves, param_def = jax.tree_util.tree_flatten(params)
+    signature = (
+        has_aux,
+        flax_modules,
+        tuple(sorted(overrides.items(), key=lambda item: str(item[0]))),
+        param_def,
+        tuple((leaf.shape, leaf.dtype) for leaf in param_leaves),
+        batch_def,
+        is_array,
+        tuple((leaf.shape, leaf.dtype, leaf.weak_type) for leaf in arrays),
+        tuple((type(leaf), leaf) for leaf in static),
+    )
+    try:
+        hash(signature)
+        cached = _RUNNERS.setdefault(loss_fn, {})
+    except TypeError:  # an unhashable static leaf or override, or a loss that takes no weakref
+        cached = None
+    runner = cached.get(signature) if cached is not None else None
+    if runner is None:
+        runner = _Runner(loss_fn, batch_def, is_array, static, has_aux, flax_modules, overrides)
+        runner.discover(params, arrays)
+        if cached is not None:
+            if len(cached) >= _RUNNERS_PER_FUNCTION:
+                cached.pop(next(iter(cached)))
+            cached[signature] = runner
+    return runner, arrays
+
+
+class _Runner:
+    """Traces the loss once to find the boundaries, then evaluates any params of that shape.
+
+    The compiled analyses take the parameters and the batch's array leaves as arguments, so one
+    runner serves every call with the same loss function and shapes.
+    """
+
+    def __init__(self, loss_fn, batch_def, is_array, static, has_aux, flax_modules, overrides):
+        try:
+            reference = weakref.ref(loss_fn)
+            self._loss_fn = lambda: reference()
+        except TypeError:  # not weakly referable: the runner is not cached either
+            self._loss_fn = lambda: loss_fn
+        self.batch_def = batch_def
+        self.is_array = is_array
+        self.static = static
         self.has_aux = has_aux
         self.flax_modules = flax_modules
         self.overrides = overrides
         self.taps: list[tuple[str, str, Any]] = []
         self.hooked: set[str] = set()
+        self.hidden: list[str] = []
         self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
-        self._compiled: dict[tuple[tuple[str, int], ...], Callable[..., Any]] = {}
+        self.groups: dict[str, list[str]] = {}
+        self._compiled: dict[tuple[tuple[str, Any], ...], Callable[..., Any]] = {}
 
-    def _loss(self, params, collector):
+    def _batch(self, arrays):
+        arrays, static = iter(arrays), iter(self.static)
+        leaves = [next(arrays) if array else next(static) for array in self.is_array]
+        return jax.tree_util.tree_unflatten(self.batch_def, leaves)
+
+    def _loss(self, params, arrays, collector):
+        collector.trace_state = _trace_state()
         with _probe.collecting(collector), _flax_interception(self.flax_modules):
-            out = self.loss_fn(params, *self.batch)
+            out = self._loss_fn()(params, *self._batch(arrays))
         loss = out[0] if self.has_aux else out
         loss = jnp.asarray(loss)
         if loss.shape != ():
@@ -1112,17 +1250,19 @@ class _Runner:
             )
         return loss
 
-    def discover(self, params):
+    def discover(self, params, arrays):
         perturber = _Perturber(_ZeroDict())
 
-        def traced(params):
+        def traced(params, arrays):
             perturber.__init__(_ZeroDict())
-            loss = self._loss(params, perturber)
+            loss = self._loss(params, arrays, perturber)
             return loss, perturber.values
 
-        _, self.shapes = jax.eval_shape(traced, params)
+        _, self.shapes = jax.eval_shape(traced, params, arrays)
         self.taps = list(perturber.taps)
         self.hooked = set(perturber.hooked)
+        self.hidden = [name for name in perturber.hidden if name not in self.shapes]
+        self.groups = _param_groups(params)
 
     def entry(self, key: str) -> Any:
         """The registry entry of the activation at tap ``key`` (``None`` if unknown)."""
@@ -1142,27 +1282,44 @@ class _Runner:
             return None, None
         return None, getattr(activation, "__name__", str(activation))
 
-    def compiled(self, substitutes: Mapping[str, Any] | None = None):
-        """The jitted analysis; ``substitutes`` maps tap keys to the activations to use there."""
-        substitutes = dict(substitutes or {})
-        cache_key = tuple(sorted((k, id(v)) for k, v in substitutes.items()))
+    def compiled(self, surrogates: Mapping[str, Any] | None = None):
+        """The jitted analysis ``(params, batch arrays) -> (loss, layer stats, tap measures)``.
+
+        ``surrogates`` maps tap keys to the registry entries whose surrogate gradient
+        (``_surrogate_for``) is used there instead of their own derivative.
+        """
+        surrogates = dict(surrogates or {})
+        cache_key = tuple(sorted(surrogates.items(), key=lambda item: item[0]))
         if cache_key in self._compiled:
             return self._compiled[cache_key]
+        substitutes = {
+            key: _activations.with_surrogate_grad(entry, _surrogate_for(entry))
+            for key, entry in surrogates.items()
+        }
         entries = {key: self._activation_name(key, act)[0] for key, _, act in self.taps}
         # Zero-gradient and saturation counts describe the derivative actually used.
         entries.update(substitutes)
+        groups = self.groups
 
-        def run(params):
+        def run(params, arrays):
             perturbations = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.shapes.items()}
 
             def f(params, perturbations):
                 perturber = _Perturber(perturbations, substitutes)
-                loss = self._loss(params, perturber)
+                loss = self._loss(params, arrays, perturber)
                 return loss, perturber.values
 
             (loss, values), (grads, cotangents) = jax.value_and_grad(
                 f, argnums=(0, 1), has_aux=True
             )(params, perturbations)
+            # One statistics entry per layer (its leaves raveled together): the layer's norm,
+            # zero share and histogram are what the report needs, at a fraction of the compile
+            # time of one entry per leaf.
+            by_name = {_param_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+            layer_grads = {
+                group: jnp.concatenate([jnp.ravel(by_name[p]) for p in paths])
+                for group, paths in groups.items()
+            }
             measures = {}
             for k, z in values.items():
                 entry = entries.get(k)
@@ -1180,22 +1337,21 @@ class _Runner:
                     if math.isfinite(low) and math.isfinite(high) and entry.peak_derivative:
                         m["saturated_fraction"] = jnp.mean(entry.saturation_mask(z))
                 measures[k] = m
-            return loss, gradient_stats(grads), measures
+            return loss, gradient_stats(layer_grads), measures
 
         self._compiled[cache_key] = jax.jit(run)
         return self._compiled[cache_key]
 
-    def analyse(self, params, substitutes: Mapping[str, Any] | None = None) -> _Analysis:
-        loss, stats, measures = jax.device_get(self.compiled(substitutes)(params))
-        by_path = stats_by_path(stats)
-        groups = _param_groups(params)
+    def analyse(self, params, arrays, surrogates: Mapping[str, Any] | None = None) -> _Analysis:
+        loss, stats, measures = jax.device_get(self.compiled(surrogates)(params, arrays))
+        groups = self.groups
         layers: list[LayerHealth] = []
-        used_groups = set()
+        used_groups: set[str] = set()
         for key, _, activation in self.taps:
             _, act_name = self._activation_name(key, activation)
-            group = _match_group(key, groups)
             layer = LayerHealth(name=key, activation=act_name)
-            if group is not None and group not in used_groups and "#" not in key:
+            group = None if "#" in key else _match_group(key, groups, used_groups)
+            if group is not None:
                 used_groups.add(group)
                 layer.param_paths = list(groups[group])
             m = measures[key]
@@ -1214,17 +1370,15 @@ class _Runner:
         for layer in layers:
             if not layer.param_paths:
                 continue
-            leaves = [by_path[p] for p in layer.param_paths]
-            layer.grad_norm = _host_combine([float(s.norm) for s in leaves])
-            layer.grad_max_abs = max(float(s.max_abs) for s in leaves)
-            sizes = [int(np.prod(np.shape(_leaf(params, p)))) for p in layer.param_paths]
-            layer.grad_zero_fraction = float(
-                sum(float(s.zero_fraction) * n for s, n in zip(leaves, sizes, strict=True))
-                / max(sum(sizes), 1)
-            )
-            layer.grad_histogram = np.sum([np.asarray(s.log2_histogram) for s in leaves], axis=0)
-            layer.nonfinite += sum(
-                int(s.nan_count) + int(s.posinf_count) + int(s.neginf_count) for s in leaves
+            group_stats = stats[layer_of(layer.param_paths[0])]
+            layer.grad_norm = float(group_stats.norm)
+            layer.grad_max_abs = float(group_stats.max_abs)
+            layer.grad_zero_fraction = float(group_stats.zero_fraction)
+            layer.grad_histogram = np.asarray(group_stats.log2_histogram)
+            layer.nonfinite += (
+                int(group_stats.nan_count)
+                + int(group_stats.posinf_count)
+                + int(group_stats.neginf_count)
             )
         return _Analysis(float(loss), layers)
 
@@ -1234,13 +1388,6 @@ class _ZeroDict(dict):
 
     def __missing__(self, key):
         return jnp.zeros([])
-
-
-def _leaf(params: PyTree, path: str) -> Any:
-    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if path_name(p) == path:
-            return leaf
-    raise KeyError(path)
 
 
 def _reference_layer(layers: list[LayerHealth]) -> str | None:
@@ -1263,7 +1410,7 @@ def _judge(layers: list[LayerHealth], reference: str | None) -> list[Finding]:
         if la.nonfinite:
             la.symptoms.append("nan/inf")
             continue
-        if norm is not None and norm == 0 and la.grad_norm is not None:
+        if norm is not None and norm == 0:
             la.symptoms.append("no gradient")
         elif norm is not None and ref_norm and math.isfinite(ref_norm) and ref_norm > 0:
             ratio = norm / ref_norm
@@ -1450,30 +1597,40 @@ def _surrogate_for(entry: Any) -> Any:
 
 
 def _reinit(params, paths: set[str], kind: str, key, bias: float | None = None, relu=()):
-    """Re-initialises the kernels (leaves with ndim >= 2) on ``paths``; optionally sets biases."""
+    """Re-initialises the kernels (leaves with ndim >= 2) on ``paths``; optionally sets biases.
+
+    A kernel of shape ``(..., fan_out)`` gets normal entries with variance ``2 / fan_in`` (He)
+    or ``2 / (fan_in + fan_out)`` (Xavier), ``fan_in`` the product of the leading axes. All
+    kernels are cut from one float32 draw whose length is rounded up to a power of two, so every
+    candidate and every call reuses a handful of compiled samplers.
+    """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, leaf), leaf_key in zip(leaves, keys, strict=True):
-        name = path_name(path)
-        leaf = jnp.asarray(leaf)
-        if name in paths and leaf.ndim >= 2 and kind is not None:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            fan_out = int(leaf.shape[-1])
+    targets = [
+        i
+        for i, (path, leaf) in enumerate(leaves)
+        if kind is not None and _param_name(path) in paths and jnp.ndim(leaf) >= 2
+    ]
+    total = sum(int(np.size(leaves[i][1])) for i in targets)
+    draw = 1 << max(total - 1, 0).bit_length()
+    noise = np.asarray(jax.random.normal(key, (draw,), jnp.float32)) if targets else None
+    out, offset = [], 0
+    for i, (path, leaf) in enumerate(leaves):
+        name = _param_name(path)
+        if i in targets:
+            shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+            fan_in, fan_out = max(int(np.prod(shape[:-1])), 1), int(shape[-1])
             variance = 2.0 / fan_in if kind == "he" else 2.0 / (fan_in + fan_out)
-            leaf = (jax.random.normal(leaf_key, leaf.shape) * math.sqrt(variance)).astype(
-                leaf.dtype
-            )
-        elif name in paths and leaf.ndim == 1 and bias is not None and layer_of(name) in relu:
-            leaf = jnp.full_like(leaf, bias)
+            size = int(np.prod(shape))
+            values = noise[offset : offset + size].reshape(shape) * np.float32(math.sqrt(variance))
+            offset += size
+            leaf = jnp.asarray(values.astype(dtype))
+        elif name in paths and jnp.ndim(leaf) == 1 and bias is not None and layer_of(name) in relu:
+            leaf = jnp.asarray(np.full(jnp.shape(leaf), bias, jnp.result_type(leaf)))
         out.append(leaf)
-    return jax.tree_util.tree_unflatten(
-        treedef.treedef if hasattr(treedef, "treedef") else jax.tree_util.tree_structure(params),
-        out,
-    )
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommendation]:
+def _try_fixes(runner, arrays, params, base, findings, reference, key) -> list[Recommendation]:
     layers = base.layers
     symptoms = {f.symptom for f in findings}
     flagged = [la.name for la in layers if la.symptoms]
@@ -1554,28 +1711,28 @@ def _try_fixes(runner, params, base, findings, reference, key) -> list[Recommend
                 None,
             )
         )
-    substitutes, changed = {}, []
+    surrogates, changed = {}, []
     for la in layers:
         if {"saturated", "dead units"} & set(la.symptoms) and la.name in runner.hooked:
             entry = runner.entry(la.name)
             surrogate = _surrogate_for(entry)
             if surrogate is not None:
-                substitutes[la.name] = _activations.with_surrogate_grad(entry, surrogate)
+                surrogates[la.name] = entry
                 changed.append(
                     f"{la.name}: {la.activation} values, derivative {surrogate.derivative}"
                 )
-    if substitutes:
+    if surrogates:
         candidates.append(
             (
                 "surrogate gradient",
                 f"{'; '.join(changed)} (train with gradkit.activations.with_surrogate_grad)",
                 lambda: params,
-                substitutes,
+                surrogates,
             )
         )
     results = []
-    for name, description, make, substitute in candidates:
-        analysis = runner.analyse(make(), substitute)
+    for name, description, make, surrogate_entries in candidates:
+        analysis = runner.analyse(make(), arrays, surrogate_entries)
         results.append(_evaluate(name, description, analysis, base, findings, reference))
     if "exploding" in symptoms or "nan/inf" in symptoms:
         results.append(_clipped(base, findings, reference))
