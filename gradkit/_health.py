@@ -16,7 +16,7 @@ import math
 import os
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -1089,10 +1089,15 @@ def diagnose(
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
-        Pass the function itself, not a ``jax.jit`` of it (a compiled function would not show
-        its layer boundaries).
+        Pass the function itself, not a ``jax.jit`` of it: boundaries inside a ``jax.jit``,
+        ``jax.vmap``, ``lax.scan`` or ``jax.checkpoint`` that ``loss_fn`` applies cannot be
+        observed from outside (they are listed in :attr:`HealthReport.unobserved`, and their
+        layers are judged from their parameter gradients alone).
       params: the parameter pytree.
-      *batch: the batch arguments of ``loss_fn``.
+      *batch: the batch arguments of ``loss_fn``. Array leaves are traced, as in a jitted
+        training step; any other leaf (a number, a string, a flag) is static. The traced and
+        compiled analysis is kept for the next call with the same ``loss_fn``, static leaves
+        and shapes, so diagnosing again (every few epochs, or a fixed model) is cheap.
       activations: optional ``{layer name: activation}`` for layers whose boundary does not say
         (Flax layers, parameter sub-trees).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -1105,7 +1110,7 @@ def diagnose(
 
     Raises:
       ValueError: if ``params`` is empty or the loss is not a scalar.
-      TypeError: if a parameter leaf is not floating point.
+      TypeError: if ``loss_fn`` is not callable or a parameter leaf is not floating point.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1230,7 +1235,8 @@ class _Runner:
         self.hidden: list[str] = []
         self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
         self.groups: dict[str, list[str]] = {}
-        self._compiled: dict[tuple[tuple[str, Any], ...], Callable[..., Any]] = {}
+        self.blendable: dict[str, tuple[Any, Any, Any]] = {}
+        self._compiled: Callable[..., Any] | None = None
 
     def _batch(self, arrays):
         arrays, static = iter(arrays), iter(self.static)
@@ -1263,13 +1269,15 @@ class _Runner:
         self.hooked = set(perturber.hooked)
         self.hidden = [name for name in perturber.hidden if name not in self.shapes]
         self.groups = _param_groups(params)
-
-    def entry(self, key: str) -> Any:
-        """The registry entry of the activation at tap ``key`` (``None`` if unknown)."""
-        for tap_key, _, activation in self.taps:
-            if tap_key == key:
-                return self._activation_name(key, activation)[0]
-        return None
+        # Layers whose activation is applied through the boundary and has a surrogate: the
+        # entry, the surrogate, and the entry with the surrogate's derivative.
+        self.blendable = {}
+        for key, _, activation in self.taps:
+            entry = self._activation_name(key, activation)[0] if key in self.hooked else None
+            surrogate = _surrogate_for(entry) if entry is not None else None
+            if surrogate is not None:
+                wrapped = _activations.with_surrogate_grad(entry, surrogate)
+                self.blendable[key] = (entry, surrogate, wrapped)
 
     def _activation_name(self, key: str, activation: Any) -> tuple[Any, str | None]:
         base = key.split("#")[0]
@@ -1282,27 +1290,33 @@ class _Runner:
             return None, None
         return None, getattr(activation, "__name__", str(activation))
 
-    def compiled(self, surrogates: Mapping[str, Any] | None = None):
-        """The jitted analysis ``(params, batch arrays) -> (loss, layer stats, tap measures)``.
+    def compiled(self):
+        """The jitted analysis ``(params, batch arrays, switches) -> (loss, stats, measures)``.
 
-        ``surrogates`` maps tap keys to the registry entries whose surrogate gradient
-        (``_surrogate_for``) is used there instead of their own derivative.
+        ``switches`` holds one boolean per tap of :attr:`blendable`: where it is on, that layer
+        uses its surrogate gradient (``_surrogate_for``) instead of its own derivative, and its
+        zero-gradient and saturation counts describe the surrogate derivative. Both derivatives
+        are in the one program, selected exactly (``jnp.where``), so the surrogate
+        counterfactual costs no second compilation.
         """
-        surrogates = dict(surrogates or {})
-        cache_key = tuple(sorted(surrogates.items(), key=lambda item: item[0]))
-        if cache_key in self._compiled:
-            return self._compiled[cache_key]
-        substitutes = {
-            key: _activations.with_surrogate_grad(entry, _surrogate_for(entry))
-            for key, entry in surrogates.items()
-        }
+        if self._compiled is not None:
+            return self._compiled
         entries = {key: self._activation_name(key, act)[0] for key, _, act in self.taps}
-        # Zero-gradient and saturation counts describe the derivative actually used.
-        entries.update(substitutes)
+        blendable = self.blendable
         groups = self.groups
 
-        def run(params, arrays):
+        def switched(entry, surrogate, on):
+            def derivative_source(u, **params):
+                return jnp.where(on, surrogate(u, **params), entry(u, **params))
+
+            return _activations.with_surrogate_grad(entry, derivative_source)
+
+        def run(params, arrays, switches):
             perturbations = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.shapes.items()}
+            substitutes = {
+                k: switched(entry, surrogate, switches[k])
+                for k, (entry, surrogate, _) in blendable.items()
+            }
 
             def f(params, perturbations):
                 perturber = _Perturber(perturbations, substitutes)
@@ -1322,28 +1336,38 @@ class _Runner:
             }
             measures = {}
             for k, z in values.items():
-                entry = entries.get(k)
                 m = {
                     "std": jnp.std(jnp.where(jnp.isfinite(z), z, 0)),
                     "nonfinite": jnp.sum(~jnp.isfinite(z)) + jnp.sum(~jnp.isfinite(cotangents[k])),
                     "cotangent_norm": safe_norm(cotangents[k]),
                 }
-                if entry is not None and entry.elementwise:
-                    zero = entry.zero_grad_mask(z)
+                masks = _derivative_masks(entries.get(k), z)
+                if k in blendable and masks:
+                    on_masks = _derivative_masks(blendable[k][2], z)
+                    masks = {
+                        name: jnp.where(switches[k], on_masks.get(name, mask), mask)
+                        for name, mask in masks.items()
+                    }
+                if "zero" in masks:
+                    zero = masks["zero"]
                     units = zero.reshape(-1, zero.shape[-1]) if zero.ndim else zero.reshape(1, 1)
                     m["zero_grad_fraction"] = jnp.mean(zero)
                     m["dead_fraction"] = jnp.mean(jnp.all(units, axis=0))
-                    low, high = entry.output_range
-                    if math.isfinite(low) and math.isfinite(high) and entry.peak_derivative:
-                        m["saturated_fraction"] = jnp.mean(entry.saturation_mask(z))
+                if "saturated" in masks:
+                    m["saturated_fraction"] = jnp.mean(masks["saturated"])
                 measures[k] = m
             return loss, gradient_stats(layer_grads), measures
 
-        self._compiled[cache_key] = jax.jit(run)
-        return self._compiled[cache_key]
+        self._compiled = jax.jit(run)
+        return self._compiled
 
-    def analyse(self, params, arrays, surrogates: Mapping[str, Any] | None = None) -> _Analysis:
-        loss, stats, measures = jax.device_get(self.compiled(surrogates)(params, arrays))
+    def analyse(self, params, arrays, surrogates: Collection[str] = ()) -> _Analysis:
+        """Evaluates ``params``; the taps in ``surrogates`` use their surrogate gradient."""
+        unknown = set(surrogates) - set(self.blendable)
+        if unknown:
+            raise ValueError(f"no surrogate gradient for the layers {sorted(unknown)}")
+        switches = {key: np.bool_(key in surrogates) for key in self.blendable}
+        loss, stats, measures = jax.device_get(self.compiled()(params, arrays, switches))
         groups = self.groups
         layers: list[LayerHealth] = []
         used_groups: set[str] = set()
@@ -1381,6 +1405,21 @@ class _Runner:
                 + int(group_stats.neginf_count)
             )
         return _Analysis(float(loss), layers)
+
+
+def _derivative_masks(entry: Any, z: jax.Array) -> dict[str, jax.Array]:
+    """``{"zero": ..., "saturated": ...}`` masks of ``z`` for an elementwise registry entry.
+
+    ``"saturated"`` only for bounded activations with a known peak derivative; nothing for an
+    unknown or non-elementwise activation.
+    """
+    if entry is None or not entry.elementwise:
+        return {}
+    masks = {"zero": entry.zero_grad_mask(z)}
+    low, high = entry.output_range
+    if math.isfinite(low) and math.isfinite(high) and entry.peak_derivative:
+        masks["saturated"] = entry.saturation_mask(z)
+    return masks
 
 
 class _ZeroDict(dict):
@@ -1648,7 +1687,7 @@ def _try_fixes(runner, arrays, params, base, findings, reference, key) -> list[R
     def paths(selection):
         return {p for la in selection for p in la.param_paths}
 
-    candidates: list[tuple[str, str, Callable[[], Any], dict[str, Any] | None]] = []
+    candidates: list[tuple[str, str, Callable[[], Any], list[str] | None]] = []
     k1, k2, k3, k4 = jax.random.split(key, 4)
     if symptoms & {"vanishing", "exploding", "no gradient", "dead units"} and with_params:
         names_down = ", ".join(la.name for la in downstream)
@@ -1711,16 +1750,12 @@ def _try_fixes(runner, arrays, params, base, findings, reference, key) -> list[R
                 None,
             )
         )
-    surrogates, changed = {}, []
+    surrogates, changed = [], []
     for la in layers:
-        if {"saturated", "dead units"} & set(la.symptoms) and la.name in runner.hooked:
-            entry = runner.entry(la.name)
-            surrogate = _surrogate_for(entry)
-            if surrogate is not None:
-                surrogates[la.name] = entry
-                changed.append(
-                    f"{la.name}: {la.activation} values, derivative {surrogate.derivative}"
-                )
+        if {"saturated", "dead units"} & set(la.symptoms) and la.name in runner.blendable:
+            surrogate = runner.blendable[la.name][1]
+            surrogates.append(la.name)
+            changed.append(f"{la.name}: {la.activation} values, derivative {surrogate.derivative}")
     if surrogates:
         candidates.append(
             (
@@ -1731,8 +1766,8 @@ def _try_fixes(runner, arrays, params, base, findings, reference, key) -> list[R
             )
         )
     results = []
-    for name, description, make, surrogate_entries in candidates:
-        analysis = runner.analyse(make(), arrays, surrogate_entries)
+    for name, description, make, switched_on in candidates:
+        analysis = runner.analyse(make(), arrays, switched_on or ())
         results.append(_evaluate(name, description, analysis, base, findings, reference))
     if "exploding" in symptoms or "nan/inf" in symptoms:
         results.append(_clipped(base, findings, reference))

@@ -244,8 +244,17 @@ def test_dead_relu_layers_get_a_leaky_surrogate():
     mlp = MLP([4, 32, 32, 1], "relu", w_init=he_normal, b_init=constant(-10.0))
     params = mlp.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (16, 4))
-    report = diagnose(lambda p, x: jnp.mean(mlp.apply(p, x) ** 2), params, x)
+    traces = []
+
+    def loss(p, x):
+        traces.append(None)
+        return jnp.mean(mlp.apply(p, x) ** 2)
+
+    report = diagnose(loss, params, x)
     assert report.flagged("dead units") == ["dense_0", "dense_1"]
+    # One trace to find the layers, one compiled program for the batch, every re-initialisation
+    # and the surrogate (selected inside the program, not compiled again).
+    assert len(traces) == 2 and len(report.recommendations) >= 4
     surrogate = _surrogate(report)
     assert surrogate.baseline_norms == {"dense_0": 0.0, "dense_1": 0.0}
     assert surrogate.grad_norms["dense_0"] > 0 and surrogate.grad_norms["dense_1"] > 0
