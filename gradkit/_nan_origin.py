@@ -62,14 +62,18 @@ class ValueSummary:
     @classmethod
     def of(cls, value: Any) -> ValueSummary:
         array = np.asarray(value)
+        dtype = array.dtype
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype.kind != "f":
+            # bfloat16 and the float8 types are not NumPy floating types: count in float32.
+            array = array.astype(np.float32)
         if not np.issubdtype(array.dtype, np.number) or array.size == 0:
-            return cls(array.shape, str(array.dtype), None, None, 0, 0, 0, 0)
+            return cls(array.shape, str(dtype), None, None, 0, 0, 0, 0)
         if np.issubdtype(array.dtype, np.complexfloating):
             array = np.abs(array)
         finite = array[np.isfinite(array)]
         return cls(
             shape=tuple(array.shape),
-            dtype=str(array.dtype),
+            dtype=str(dtype),
             min=float(finite.min()) if finite.size else None,
             max=float(finite.max()) if finite.size else None,
             nan_count=int(np.isnan(array).sum()) if array.dtype.kind == "f" else 0,

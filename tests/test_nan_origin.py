@@ -128,6 +128,51 @@ def test_nan_inside_scan_and_cond_names_the_step():
     assert report.cause == "invalid_operation"
 
 
+def test_nan_inside_a_while_loop_names_the_iteration():
+    def halving_logs(x):
+        body = lambda c: (c[0] + 1, jnp.log(c[1] - 1.0))  # noqa: E731  # BODY
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    # log(3 - 1) = 0.69 at iteration 0, then log(0.69 - 1) is the log of a negative number.
+    report = find_nan_origin(halving_logs, 3.0)
+    assert report.first.primitive == "log" and report.first.produced == "NaN"
+    assert report.first.scopes[-1] == "while iteration 1"
+    assert report.first.location.line == _line_of(halving_logs, "BODY")
+    assert report.cause == "invalid_operation"
+
+
+def test_bfloat16_values_are_inspected():
+    # bfloat16 is not a NumPy floating type; its Inf must still be seen (max is about 3.4e38).
+    report = find_nan_origin(lambda x: x.astype(jnp.bfloat16) * jnp.bfloat16(1e30), 1e10)
+    assert report.cause == "overflow" and report.first.primitive == "mul"
+    assert report.first.inputs[0].dtype == "bfloat16"
+    assert report.first.inputs[0].max == float(jnp.bfloat16(1e10))
+    assert report.first.outputs[0].posinf_count == 1
+
+
+def test_a_custom_vjp_backward_rule_is_named():
+    @jax.custom_vjp
+    def scaled(x):
+        return x
+
+    def forward(x):
+        return x, x
+
+    def backward(residual, g):
+        return (g / (residual - residual),)
+
+    scaled.defvjp(forward, backward)
+
+    def loss(x):
+        return 2.0 * scaled(x)  # CALL
+
+    report = find_nan_origin(jax.grad(loss), 1.0)
+    assert report.cause == "division_by_zero" and report.first.phase == "backward"
+    assert report.first.primitive == "div" and report.first.produced == "+Inf"
+    # JAX records the equations of a custom_vjp backward rule at the line that calls it.
+    assert report.first.location.line == _line_of(loss, "CALL")
+
+
 def test_overflow_and_clean_functions():
     report = find_nan_origin(lambda x: jnp.exp(x), jnp.float32(100.0))
     assert report.cause == "overflow" and report.first.produced == "+Inf"
