@@ -665,11 +665,13 @@ class LayerHealth:
       name: the layer's name (tap name or parameter sub-tree).
       activation: the activation's name, if known.
       param_paths: the parameter leaves attributed to this layer.
-      grad_norm: norm of the layer's parameter gradient (``None`` without parameters).
+      grad_norm: norm of the layer's parameter gradient (``None`` without parameters; NaN or
+        Inf when the gradient holds a NaN or an Inf).
       grad_max_abs: max |gradient entry|.
       grad_zero_fraction: fraction of exactly-zero gradient entries.
       grad_histogram: log2-magnitude histogram of the gradient (:data:`HISTOGRAM_EXPONENTS`).
-      cotangent_norm: norm of dL/d(pre-activation) (``None`` without a boundary mark).
+      cotangent_norm: norm of dL/d(pre-activation) (``None`` without a boundary mark; NaN or
+        Inf like ``grad_norm``).
       preactivation_std: standard deviation of the pre-activations.
       zero_grad_fraction: fraction of pre-activations where the activation's derivative is 0.
       dead_fraction: share of units whose derivative is 0 for every example of the batch.
@@ -1340,6 +1342,8 @@ class _Runner:
                     "std": jnp.std(jnp.where(jnp.isfinite(z), z, 0)),
                     "nonfinite": jnp.sum(~jnp.isfinite(z)) + jnp.sum(~jnp.isfinite(cotangents[k])),
                     "cotangent_norm": safe_norm(cotangents[k]),
+                    "cotangent_nan": jnp.any(jnp.isnan(cotangents[k])),
+                    "cotangent_inf": jnp.any(jnp.isinf(cotangents[k])),
                 }
                 masks = _derivative_masks(entries.get(k), z)
                 if k in blendable and masks:
@@ -1379,7 +1383,9 @@ class _Runner:
                 used_groups.add(group)
                 layer.param_paths = list(groups[group])
             m = measures[key]
-            layer.cotangent_norm = float(m["cotangent_norm"])
+            layer.cotangent_norm = _nonfinite_norm(
+                float(m["cotangent_norm"]), bool(m["cotangent_nan"]), bool(m["cotangent_inf"])
+            )
             layer.preactivation_std = float(m["std"])
             layer.nonfinite = int(m["nonfinite"])
             for field in ("zero_grad_fraction", "dead_fraction", "saturated_fraction"):
@@ -1395,7 +1401,11 @@ class _Runner:
             if not layer.param_paths:
                 continue
             group_stats = stats[layer_of(layer.param_paths[0])]
-            layer.grad_norm = float(group_stats.norm)
+            layer.grad_norm = _nonfinite_norm(
+                float(group_stats.norm),
+                int(group_stats.nan_count) > 0,
+                int(group_stats.posinf_count) + int(group_stats.neginf_count) > 0,
+            )
             layer.grad_max_abs = float(group_stats.max_abs)
             layer.grad_zero_fraction = float(group_stats.zero_fraction)
             layer.grad_histogram = np.asarray(group_stats.log2_histogram)
@@ -1405,6 +1415,12 @@ class _Runner:
                 + int(group_stats.neginf_count)
             )
         return _Analysis(float(loss), layers)
+
+
+def _nonfinite_norm(finite_norm: float, has_nan: bool, has_inf: bool) -> float:
+    """The norm of a vector, from the norm of its finite entries: NaN if any entry is NaN, Inf
+    if any is infinite (a layer whose gradient is all NaN must not read as norm 0)."""
+    return math.nan if has_nan else math.inf if has_inf else finite_norm
 
 
 def _derivative_masks(entry: Any, z: jax.Array) -> dict[str, jax.Array]:
@@ -1769,7 +1785,7 @@ def _try_fixes(runner, arrays, params, base, findings, reference, key) -> list[R
     for name, description, make, switched_on in candidates:
         analysis = runner.analyse(make(), arrays, switched_on or ())
         results.append(_evaluate(name, description, analysis, base, findings, reference))
-    if "exploding" in symptoms or "nan/inf" in symptoms:
+    if "exploding" in symptoms:  # clipping a NaN or Inf gradient only spreads the NaN
         results.append(_clipped(base, findings, reference))
     results.sort(key=lambda r: (len(r[1].remaining), -r[0]))
     return [rec for _, rec in results]

@@ -264,6 +264,13 @@ def test_exploding_and_nonfinite_layers():
     report = diagnose(_seed_loss, bad, X, try_fixes=False)
     assert report.flagged("nan/inf") == ["dense_0", "dense_1"]
     assert "find_nan_origin" in report.findings[0].message
+    # A NaN gradient reads as NaN, never as a norm of 0 (its finite entries are all zero here).
+    assert all(np.isnan(report.layer(n).grad_norm) for n in ("dense_0", "dense_1"))
+    assert np.isnan(report.layer("dense_0").cotangent_norm)
+    assert str(report).splitlines()[3].split()[2:4] == ["nan", "nan"]
+    # Clipping cannot repair a NaN, so it is not offered.
+    report = diagnose(_seed_loss, bad, X)
+    assert report.flagged("nan/inf") and report.recommendations == []
 
 
 class _Flax(nn.Module):
