@@ -6,7 +6,6 @@ one equation and source line by :func:`locate_gradient_error`; gradient flow is 
 that produced a NaN or an Inf.
 """
 
-# Gradient checks (implemented in gradkit._gradcheck, gradkit._locate, gradkit._check_command).
 from gradkit._check_command import gradcheck_target as gradcheck_target
 from gradkit._gradcheck import GradCheckCost as GradCheckCost
 from gradkit._gradcheck import GradCheckReport as GradCheckReport
@@ -15,25 +14,21 @@ from gradkit._gradcheck import GradientCheckError as GradientCheckError
 from gradkit._gradcheck import WorstElement as WorstElement
 from gradkit._gradcheck import assert_grads_correct as assert_grads_correct
 from gradkit._gradcheck import check_grads as check_grads
+from gradkit._health import HISTOGRAM_EXPONENTS as HISTOGRAM_EXPONENTS
+from gradkit._health import HealthMonitorState as HealthMonitorState
+from gradkit._health import HealthReport as HealthReport
+from gradkit._health import LayerHealth as LayerHealth
+from gradkit._health import LeafStats as LeafStats
+from gradkit._health import diagnose as diagnose
+from gradkit._health import gradient_stats as gradient_stats
+from gradkit._health import health_monitor as health_monitor
+from gradkit._health import latest_health as latest_health
+from gradkit._health import layer_boundary as layer_boundary
+from gradkit._health import log_health as log_health
 from gradkit._locate import EquationFinding as EquationFinding
 from gradkit._locate import ExpectedDeviation as ExpectedDeviation
 from gradkit._locate import GradientLocation as GradientLocation
 from gradkit._locate import locate_gradient_error as locate_gradient_error
-
-# isort: split
-
-# Gradient-flow health and NaN origin (implemented in gradkit._health and gradkit._nan_origin).
-from gradkit._health import HISTOGRAM_EXPONENTS as HISTOGRAM_EXPONENTS  # noqa: E402, RUF100
-from gradkit._health import HealthMonitorState as HealthMonitorState  # noqa: E402, RUF100
-from gradkit._health import HealthReport as HealthReport  # noqa: E402, RUF100
-from gradkit._health import LayerHealth as LayerHealth  # noqa: E402, RUF100
-from gradkit._health import LeafStats as LeafStats  # noqa: E402, RUF100
-from gradkit._health import diagnose as diagnose  # noqa: E402, RUF100
-from gradkit._health import gradient_stats as gradient_stats  # noqa: E402, RUF100
-from gradkit._health import health_monitor as health_monitor  # noqa: E402, RUF100
-from gradkit._health import latest_health as latest_health  # noqa: E402, RUF100
-from gradkit._health import layer_boundary as layer_boundary  # noqa: E402, RUF100
-from gradkit._health import log_health as log_health  # noqa: E402, RUF100
-from gradkit._nan_origin import NanEvent as NanEvent  # noqa: E402, RUF100
-from gradkit._nan_origin import NanOriginReport as NanOriginReport  # noqa: E402, RUF100
-from gradkit._nan_origin import find_nan_origin as find_nan_origin  # noqa: E402, RUF100
+from gradkit._nan_origin import NanEvent as NanEvent
+from gradkit._nan_origin import NanOriginReport as NanOriginReport
+from gradkit._nan_origin import find_nan_origin as find_nan_origin
