@@ -21,6 +21,8 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
+from gradkit._locate import SourceLocation
+
 try:  # user_frames is not re-exported by jax.extend; fall back to no call chain without it.
     from jax._src.source_info_util import user_frames as _user_frames
 except ImportError:  # pragma: no cover - depends on the JAX version
@@ -112,18 +114,6 @@ class ValueSummary:
         if specials:
             parts.append("(" + ", ".join(specials) + ")")
         return " ".join(parts)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceLocation:
-    """One frame of user code: file, line and function."""
-
-    file: str
-    line: int
-    function: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line} ({self.function})"
 
 
 @dataclasses.dataclass(frozen=True)
