@@ -631,7 +631,7 @@ def layer_boundary(
     Raises:
       TypeError: if ``name`` is not a non-empty str, or ``apply=True`` and ``activation`` is
         neither a registered name nor a callable.
-      ValueError: if ``apply=True`` and ``activation`` is an unknown name.
+      ValueError: if ``activation`` is a str that names no registered activation.
 
     Example:
       >>> import jax.numpy as jnp
@@ -643,6 +643,8 @@ def layer_boundary(
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"layer_boundary: name must be a non-empty str, got {name!r}")
+    if isinstance(activation, str):
+        _activations.get(activation)  # an unknown name raises, listing the close matches
     function = None
     if apply:
         function = _activations.get(activation) if isinstance(activation, str) else activation
@@ -1111,7 +1113,8 @@ def diagnose(
       A :class:`HealthReport`.
 
     Raises:
-      ValueError: if ``params`` is empty or the loss is not a scalar.
+      ValueError: if ``params`` is empty, the loss is not a scalar, or ``activations`` names an
+        unknown activation.
       TypeError: if ``loss_fn`` is not callable or a parameter leaf is not floating point.
 
     Example:
@@ -1128,6 +1131,12 @@ def diagnose(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_floating("params", params)
     overrides = dict(activations or {})
+    for layer, activation in overrides.items():
+        if isinstance(activation, str):
+            try:
+                _activations.get(activation)
+            except ValueError as error:
+                raise ValueError(f"activations[{layer!r}]: {error}") from None
     params = jax.tree_util.tree_map(_strong_array, params)
     runner, arrays = _runner_for(loss_fn, params, batch, has_aux, flax_modules, overrides)
     base = runner.analyse(params, arrays)

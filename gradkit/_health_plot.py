@@ -17,11 +17,9 @@ from gradkit._health import HISTOGRAM_EXPONENTS, VANISHING_ABSOLUTE
 
 
 def _pyplot() -> Any:
+    # The backend is left alone: a notebook keeps its inline backend, and without a display
+    # matplotlib already falls back to Agg.
     try:
-        import matplotlib
-
-        if os.environ.get("MPLBACKEND") is None and matplotlib.get_backend().lower() != "agg":
-            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise ImportError('plotting needs matplotlib: pip install "gradkit[plot]"') from error

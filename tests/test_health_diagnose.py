@@ -362,13 +362,14 @@ def test_boundaries_inside_vmap_or_a_nested_jit_fall_back_to_parameter_gradients
 
 
 def test_a_boundary_with_exactly_zero_cotangent_has_no_gradient():
-    def loss(p, x):
+    def loss_and_aux(p, x):
         z = x @ p["dense_0"]["kernel"]
         gate = layer_boundary("gate", z)  # its value never reaches the loss's derivative
-        return jnp.mean(z**2) + 0.0 * jnp.sum(jax.lax.stop_gradient(gate))
+        return jnp.mean(z**2) + 0.0 * jnp.sum(jax.lax.stop_gradient(gate)), {"z": z}
 
     params = {"dense_0": {"kernel": np.ones((1, 4), np.float32)}}
-    report = diagnose(loss, params, X, try_fixes=False)
+    report = diagnose(loss_and_aux, params, X, has_aux=True, try_fixes=False)
+    np.testing.assert_allclose(report.loss, np.mean(X**2), rtol=1e-6)  # z is X in 4 columns
     assert report.layer("gate").cotangent_norm == 0.0
     assert report.layer("gate").symptoms == ["no gradient"]
     assert report.layer("dense_0").symptoms == []
@@ -397,6 +398,10 @@ def test_params_only_fallback_and_bad_input():
         diagnose(lambda p, x: x[:, 0] * p["dense_0"]["bias"][0], params, X)
     with pytest.raises(TypeError, match="name must be a non-empty str"):
         layer_boundary("", jnp.ones(2))
+    with pytest.raises(ValueError, match=r"unknown activation 'rleu'.*'relu'"):
+        layer_boundary("dense_0", jnp.ones(2), "rleu")
+    with pytest.raises(ValueError, match=r"activations\['dense_0'\]: unknown activation 'rleu'"):
+        diagnose(unmarked, params, X, activations={"dense_0": "rleu"})
     with pytest.raises(TypeError, match="loss_fn must be callable, got int"):
         diagnose(3, params, X)
 
