@@ -1455,8 +1455,15 @@ class _ZeroDict(dict):
 
 
 def _reference_layer(layers: list[LayerHealth]) -> str | None:
+    """The last layer with a parameter gradient, in forward order.
+
+    Marked layers come in the order the forward pass reached them; parameter groups without a
+    mark are listed after them in name order, which says nothing about depth, so a marked layer
+    is preferred (a layer-norm scale or a temperature must not become the yardstick).
+    """
     with_grads = [la for la in layers if la.grad_norm is not None]
-    return with_grads[-1].name if with_grads else None
+    marked = [la for la in with_grads if la.cotangent_norm is not None]
+    return (marked or with_grads)[-1].name if with_grads else None
 
 
 def _norm_of(layer: LayerHealth) -> float | None:

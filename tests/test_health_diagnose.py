@@ -375,6 +375,24 @@ def test_a_boundary_with_exactly_zero_cotangent_has_no_gradient():
     assert report.layer("dense_0").symptoms == []
 
 
+def test_the_reference_layer_is_the_last_marked_layer_not_an_unmarked_parameter():
+    # An unmarked scalar parameter ("temperature") is listed after the marked layers; with it
+    # as the yardstick every layer, output included, would read as vanishing.
+    def scaled_loss(p, x):
+        return p["temperature"] * _seed_loss(p["net"], x)
+
+    params = {"net": SEED_3_LAYER, "temperature": np.float32(1e-6)}
+    report = diagnose(scaled_loss, params, X, try_fixes=False)
+    assert [la.name for la in report.layers] == ["dense_0", "dense_1", "dense_2", "temperature"]
+    assert report.reference_layer == "dense_2"
+    assert report.flagged("vanishing") == ["dense_0"]
+    loss, grads, _ = _seed_backprop(SEED_3_LAYER, X)
+    np.testing.assert_allclose(report.layer("temperature").grad_norm, loss, rtol=1e-5)
+    np.testing.assert_allclose(
+        report.layer("dense_2").grad_norm, 1e-6 * _norm(grads["dense_2"]), rtol=1e-5
+    )
+
+
 def test_params_only_fallback_and_bad_input():
     params = _seed_params([1, 16, 16, 1])
 
