@@ -1101,7 +1101,9 @@ def diagnose(
       *batch: the batch arguments of ``loss_fn``. Array leaves are traced, as in a jitted
         training step; any other leaf (a number, a string, a flag) is static. The traced and
         compiled analysis is kept for the next call with the same ``loss_fn``, static leaves
-        and shapes, so diagnosing again (every few epochs, or a fixed model) is cheap.
+        and shapes, so diagnosing again (every few epochs, or a fixed model) is cheap. As with
+        ``jax.jit``, that call does not run ``loss_fn``'s Python code again: after changing a
+        global it reads, pass a new function.
       activations: optional ``{layer name: activation}`` for layers whose boundary does not say
         (Flax layers, parameter sub-trees).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
