@@ -116,6 +116,12 @@ def _check_floating(argument: str, tree: PyTree) -> list[tuple[Any, jax.Array]]:
         )
     for path, leaf in leaves:
         dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{argument}{jax.tree_util.keystr(path)} has dtype {dtype}; gradient statistics "
+                "are defined for real leaves: pass the real and imaginary parts (or the modulus) "
+                "as separate leaves"
+            )
         if dtype == jax.dtypes.float0 or not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"{argument}{jax.tree_util.keystr(path)} has dtype {dtype}; gradient statistics "
@@ -158,22 +164,32 @@ def _check_same_structure(
     return values
 
 
+def _power_of_two_scale(max_abs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(scale, inverse)``: the power of two ``2**e`` with ``max_abs < 2**e`` (1 for 0).
+
+    Dividing by a power of two is exact and is a multiplication, so scaling entries by it before
+    squaring avoids underflow and overflow without rounding error or a division per entry.
+    """
+    _, exponent = jnp.frexp(jnp.where(max_abs > 0, max_abs, 1))
+    one = jnp.ones((), max_abs.dtype)
+    return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
+
+
 def safe_norm(x: jax.Array) -> jax.Array:
     r"""The Euclidean norm of the finite entries of ``x`` without underflow or overflow.
 
     .. math::
-        \lVert x \rVert_2 = m \sqrt{\textstyle\sum_i (x_i / m)^2}, \qquad m = \max_i |x_i|,
+        \lVert x \rVert_2 = s \sqrt{\textstyle\sum_i (x_i / s)^2}, \qquad
+        s = 2^{\lceil \log_2 \max_i |x_i| \rceil},
 
     and 0 when every entry is 0. In float32 a plain ``sqrt(sum(x**2))`` of entries near 1e-20 is
     exactly 0 because the squares underflow; this one is not.
     """
     x = jnp.asarray(x)
     x = x.astype(_compute_dtype(x.dtype))
-    finite = jnp.isfinite(x)
-    magnitude = jnp.where(finite, jnp.abs(x), 0)
-    scale = jnp.max(magnitude, initial=0)
-    safe_scale = jnp.where(scale > 0, scale, 1)
-    return scale * jnp.sqrt(jnp.sum(jnp.square(magnitude / safe_scale)))
+    magnitude = jnp.where(jnp.isfinite(x), jnp.abs(x), 0)
+    scale, inverse = _power_of_two_scale(jnp.max(magnitude, initial=0))
+    return scale * jnp.sqrt(jnp.sum(jnp.square(magnitude * inverse)))
 
 
 def combine_norms(norms: jax.Array) -> jax.Array:
@@ -181,21 +197,25 @@ def combine_norms(norms: jax.Array) -> jax.Array:
     return safe_norm(jnp.asarray(norms))
 
 
-def _moments(
-    x: jax.Array, finite: jax.Array | None, max_abs: jax.Array | None = None
-) -> tuple[jax.Array, ...]:
-    """Norm, max magnitude, mean and std of the finite entries of ``x``."""
-    if max_abs is None:
-        max_abs = jnp.max(jnp.where(finite, jnp.abs(x), 0), initial=0)
-    safe_scale = jnp.where(max_abs > 0, max_abs, 1)
-    scaled = x / safe_scale if finite is None else jnp.where(finite, x / safe_scale, 0)
-    count = x.size if finite is None else jnp.maximum(jnp.sum(finite, dtype=x.dtype), 1)
-    # Scaled by the max so entries near 1e-20 keep a nonzero square in float32.
-    sum_squares = jnp.sum(jnp.square(scaled))
-    scaled_mean = jnp.sum(scaled) / count
-    norm = max_abs * jnp.sqrt(sum_squares)
-    variance = jnp.maximum(sum_squares / count - jnp.square(scaled_mean), 0)
-    return norm, max_abs, max_abs * scaled_mean, max_abs * jnp.sqrt(variance)
+def _moments(x: jax.Array, finite: jax.Array | None, max_abs: jax.Array) -> tuple[jax.Array, ...]:
+    r"""Norm, max magnitude, mean and std of the finite entries of ``x`` (``finite=None``: all).
+
+    The entries are scaled by a power of two near ``max_abs`` (exact), so entries near 1e-20 keep
+    a nonzero square in float32. The standard deviation is taken in a second pass around the
+    mean, :math:`\sqrt{\overline{(x - \bar x)^2}}`, which does not cancel when
+    :math:`|\bar x| \gg \sigma` the way :math:`\overline{x^2} - \bar x^2` does.
+    """
+    scale, inverse = _power_of_two_scale(max_abs)
+    scaled = x * inverse if finite is None else jnp.where(finite, x * inverse, 0)
+    count = x.size if finite is None else jnp.sum(finite, dtype=x.dtype)
+    safe_count = jnp.maximum(count, 1)
+    norm = scale * jnp.sqrt(jnp.sum(jnp.square(scaled)))
+    scaled_mean = jnp.sum(scaled) / safe_count
+    deviation = scaled - scaled_mean
+    if finite is not None:
+        deviation = jnp.where(finite, deviation, 0)
+    std = scale * jnp.sqrt(jnp.sum(jnp.square(deviation)) / safe_count)
+    return norm, max_abs, scale * scaled_mean, std
 
 
 def _histogram(x: jax.Array) -> jax.Array:
@@ -218,8 +238,9 @@ def _leaf_stats(g: jax.Array, histogram: bool = True) -> LeafStats:
     def some_nonfinite(x, raw_max):
         del raw_max
         finite = jnp.isfinite(x)
+        max_abs = jnp.max(jnp.where(finite, jnp.abs(x), 0), initial=0)
         return (
-            *_moments(x, finite),
+            *_moments(x, finite, max_abs),
             jnp.sum(jnp.isnan(x), dtype=jnp.int32),
             jnp.sum(x == jnp.inf, dtype=jnp.int32),
             jnp.sum(x == -jnp.inf, dtype=jnp.int32),
@@ -286,7 +307,7 @@ def gradient_stats(
     Example:
       >>> import jax.numpy as jnp
       >>> stats = gradient_stats({"w": jnp.full((4,), 1e-20)})
-      >>> float(stats["w"].norm)  # a plain float32 norm would be 0.0
+      >>> print(f'{float(stats["w"].norm):.3g}')  # a plain float32 norm would be 0.0
       2e-20
     """
     leaves_with_path = _check_floating("grads", grads)
@@ -425,8 +446,14 @@ def health_monitor(
                 is_leaf=_is_stats,
             )
 
+        def compute_in_state_dtypes():
+            # Gradients may arrive in another dtype than the params the state was built from.
+            return jax.tree_util.tree_map(
+                lambda new, old: new.astype(old.dtype), compute(), state.stats
+            )
+
         due = state.count % every == 0
-        stats = lax.cond(due, compute, lambda: state.stats)
+        stats = lax.cond(due, compute_in_state_dtypes, lambda: state.stats)
         stats_step = jnp.where(due, state.count, state.stats_step)
         new_state = HealthMonitorState(
             count=state.count + 1, stats_step=stats_step, stats=stats, inner_state=inner_state
