@@ -341,8 +341,13 @@ def _make_step_body(
     clip_global_norm: float | None,
     check_dtypes: bool,
     health_every: int | None = None,
+    health_always: bool = False,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns the pure (un-jitted) step shared by :func:`make_train_step` and :func:`fit`."""
+    """Returns the pure (un-jitted) step shared by :func:`make_train_step` and :func:`fit`.
+
+    With ``health_every`` the step computes the health statistics when ``state.step`` is a
+    multiple of it (a device-side gate); with ``health_always`` it computes them every time.
+    """
     # optax's convention for transforms that need the loss (line searches, reduce_on_plateau):
     # chains pass these keyword arguments on to the members that accept them.
     takes_extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
@@ -407,7 +412,9 @@ def _make_step_body(
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
-        if health_every is not None:
+        if health_always:
+            metrics["health"] = _health.gradient_stats(raw_grads, state.params, updates)
+        elif health_every is not None:
             metrics["health"] = _gated_health(
                 state.step % health_every == 0, raw_grads, state.params, updates
             )
@@ -891,7 +898,10 @@ def fit(
       health_every: every k steps, compute gradient-health statistics inside the step (see
         :func:`make_train_step`), record each layer's gradient norm in the history as
         ``health/<layer>/grad_norm`` and, with ``log_dir``, write the per-leaf statistics and
-        log2-magnitude histograms with :func:`gradkit.diagnostics.log_health`.
+        log2-magnitude histograms with :func:`gradkit.diagnostics.log_health`. ``fit`` knows
+        the step number on the host, so it compiles the step twice, with and without the
+        statistics, and runs the plain one in between: those steps cost exactly what they cost
+        without monitoring (a device-side ``lax.cond`` would keep XLA from fusing the update).
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` and the :class:`History` (including
@@ -975,16 +985,18 @@ def fit(
             ) from error
         writer = SummaryWriter(str(log_dir))
 
-    body = _make_step_body(
-        loss_fn,
-        optimizer,
-        has_aux=has_aux,
-        clip_global_norm=clip_global_norm,
-        check_dtypes=check_dtypes,
-        health_every=health_every,
+    step_options = dict(
+        has_aux=has_aux, clip_global_norm=clip_global_norm, check_dtypes=check_dtypes
+    )
+    body = _make_step_body(loss_fn, optimizer, **step_options)
+    health_body = (
+        None
+        if health_every is None
+        else _make_step_body(loss_fn, optimizer, health_always=True, **step_options)
     )
     run = _Run(
         body=body,
+        health_body=health_body,
         batches=batches,
         state=state,
         history=history,
@@ -1040,7 +1052,9 @@ class _Pending(NamedTuple):
 class _Run:
     """The host side of :func:`fit`: one object per call, holding the loop's state."""
 
-    def __init__(self, *, body, batches, state, history, total, epochs, mesh, **options):
+    def __init__(
+        self, *, body, health_body, batches, state, history, total, epochs, mesh, **options
+    ):
         self.batches = batches
         self.history = history
         self.total = total
@@ -1059,22 +1073,32 @@ class _Run:
         self.good = state  # the newest state whose metrics were finite
         self.consumed: _Pending | None = None  # the step that produced self.good
         self.checkpointed_step = int(state.step)
-        self.body = body
         if batches.arrays is not None:
-            self.step_fn = jax.jit(self._indexed_step)
             self.arrays = jax.tree_util.tree_map(jnp.asarray, batches.arrays)
             if self.replicated is not None:
                 self.arrays = jax.device_put(self.arrays, self.replicated)
             self.permutation = jax.jit(jax.random.permutation, static_argnums=1)
-        else:
-            self.step_fn = jax.jit(self._constrained_step)
+        self.step_fn = self._compile(body)
+        # Steps whose number is a multiple of health_every run this one instead.
+        self.health_step_fn = None if health_body is None else self._compile(health_body)
 
     # -- compiled pieces ----------------------------------------------------------------------
 
-    def _constrained_step(self, state: TrainState, batch: PyTree):
+    def _compile(self, body):
+        """The jitted step for ``body``: on a batch, or on the arrays and an index window."""
+
+        def _constrained_step(state: TrainState, batch: PyTree):
+            return self._constrained(body, state, batch)
+
+        def _indexed_step(state, arrays, order, offset):
+            return self._constrained(body, state, self._gather(arrays, order, offset))
+
+        return jax.jit(_indexed_step if self.batches.arrays is not None else _constrained_step)
+
+    def _constrained(self, body, state: TrainState, batch: PyTree):
         if self.batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-        new_state, metrics = self.body(state, batch)
+        new_state, metrics = body(state, batch)
         if self.replicated is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, self.replicated)
         health = metrics.pop("health", None)
@@ -1090,9 +1114,6 @@ class _Run:
             return arrays
         index = jax.lax.dynamic_slice_in_dim(order, offset, size)
         return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, index, axis=0), arrays)
-
-    def _indexed_step(self, state, arrays, order, offset):
-        return self._constrained_step(state, self._gather(arrays, order, offset))
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -1171,7 +1192,10 @@ class _Run:
         try:
             for args, batch in self._step_inputs():
                 before = self.state
-                after, metrics, health = self.step_fn(before.replace(key=None), *args)
+                step_fn = self.step_fn
+                if self.health_step_fn is not None and number % options["health_every"] == 0:
+                    step_fn = self.health_step_fn
+                after, metrics, health = step_fn(before.replace(key=None), *args)
                 after = after.replace(key=key)
                 number += 1
                 queue.append(_Pending(number, before, after, metrics, health, batch))
@@ -1241,9 +1265,8 @@ class _Run:
                 checkpoint=self.last_checkpoint,
             )
         writer = options["writer"]
-        health_every = options["health_every"]
         layer_norms = {}
-        if health_every is not None and (step - 1) % health_every == 0:
+        if pending.health is not None:
             # The statistics are of the gradient taken at the params before this update. One
             # transfer for the whole pytree, then host work on NumPy arrays only.
             health = jax.device_get(pending.health)
