@@ -117,27 +117,35 @@ class ScenarioResult:
         ]
 
 
+def run_example(
+    script: str, out_dir: str | Path, *, timeout: float = 900.0
+) -> subprocess.CompletedProcess:
+    """Runs one example script of :func:`examples_dir` in a fresh Python process.
+
+    The script gets ``--out out_dir`` and a headless matplotlib backend; its output is captured.
+    A script still running after ``timeout`` seconds is stopped and reported with return code
+    124 and a line saying so.
+    """
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    command = [sys.executable, str(examples_dir() / script), "--out", str(out_dir)]
+    try:
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as error:
+        stdout = error.stdout.decode() if isinstance(error.stdout, bytes) else error.stdout or ""
+        message = f"{script} did not finish within {timeout:.0f} s"
+        return subprocess.CompletedProcess(command, 124, stdout, message)
+
+
 def run_scenario(scenario: Scenario, out_dir: Path, *, timeout: float = 900.0) -> ScenarioResult:
-    """Runs one example script in a fresh Python process and collects its output."""
-    script = examples_dir() / scenario.script
+    """Runs one scenario's example, writing its files to ``out_dir/<script name>``."""
     target = out_dir / Path(scenario.script).stem
     target.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    try:
-        completed = subprocess.run(
-            [sys.executable, str(script), "--out", str(target)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-        returncode, output = completed.returncode, completed.stdout + completed.stderr
-    except subprocess.TimeoutExpired as error:
-        returncode = 124
-        output = f"{error.stdout or ''}\n{scenario.script} did not finish within {timeout:.0f} s"
-    return ScenarioResult(scenario, returncode, time.perf_counter() - start, output)
+    completed = run_example(scenario.script, target, timeout=timeout)
+    output = completed.stdout + completed.stderr
+    return ScenarioResult(scenario, completed.returncode, time.perf_counter() - start, output)
 
 
 def _demo(args: argparse.Namespace) -> int:

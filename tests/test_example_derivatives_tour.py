@@ -1,23 +1,14 @@
 """Runs examples/derivatives_tour.py (seed 003) as a user would and checks its verdict."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.image
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "derivatives_tour.py"
+from gradkit.cli import run_example
 
 
 def test_derivatives_tour_reproduces_the_theano_post(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    completed = run_example("derivatives_tour.py", tmp_path)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]

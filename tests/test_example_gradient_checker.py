@@ -1,20 +1,15 @@
 """Runs examples/gradient_checker.py (seed 002) as a user would and checks its answer."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from gradkit.cli import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gradient_checker_example(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "gradient_checker.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = run_example("gradient_checker.py", tmp_path)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import matplotlib.image
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recurrent_truncation.py"
+from gradkit.cli import run_example
 
 
 def test_example_answers_seed_002(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    completed = run_example("recurrent_truncation.py", tmp_path)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]

@@ -1,23 +1,14 @@
 """Runs examples/sigmoid_family_xor.py (seed 000) as a user would and checks its answer."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sigmoid_family_xor.py"
+from gradkit.cli import run_example
 
 
 def test_xor_example_gives_the_right_verdict(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    completed = run_example("sigmoid_family_xor.py", tmp_path)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]

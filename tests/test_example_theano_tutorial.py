@@ -1,29 +1,20 @@
 """Runs examples/theano_tutorial.py (seed 001) as a user would and checks its answer."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib
 import numpy as np
 
+from gradkit.cli import run_example
+
 matplotlib.use("Agg")
 import matplotlib.image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "theano_tutorial.py"
 ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
 def test_theano_tutorial_example_reproduces_the_numpy_trajectory(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MPLBACKEND": "Agg"},
-    )
+    completed = run_example("theano_tutorial.py", tmp_path)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
 

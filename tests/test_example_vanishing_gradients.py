@@ -1,25 +1,15 @@
 """The seed-004 example runs, prints the right verdicts and writes real images and event files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.image
 
 from gradkit import _tensorboard
-
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "vanishing_gradients.py"
+from gradkit.cli import run_example
 
 
 def test_vanishing_gradients_example(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    completed = run_example("vanishing_gradients.py", tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     verdicts = [line for line in completed.stdout.splitlines() if line.startswith("Verdict:")]
     assert len(verdicts) == 3
