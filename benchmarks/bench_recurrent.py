@@ -9,8 +9,13 @@ Workloads (float32, batch 10 sequences, time-major scans):
 Speed: value-and-gradient of the loss with respect to all parameters, for a hand-written
 ``jax.lax.scan``, gradkit ``Full()``, ``Chunked(k)`` for k in {1, 10, 100}, ``TheanoTail(100)``,
 streaming ``tbptt_value_and_grad(k1=k2=100)`` (workload B), and PyTensor's ``scan`` with its C
-backend, full and ``truncate_gradient=100``. Each entry is the median of repeated runs after a
-warm-up call; compile time is reported separately. Every entry is gated by a gradient check: the
+backend, full and ``truncate_gradient=100``. Every entry is compiled and called once (warm-up)
+first; then the entries of one workload are timed in interleaved rounds, each round calling every
+entry once (the starting entry rotates from round to round), so that a drift in the machine's
+state (frequency, cache, other load) falls on all entries alike instead of on whichever ran last.
+The table gives, per entry, the median and the minimum over the rounds; the ratios against the
+targets are computed from the minimum, the least-disturbed run. Compile time is reported
+separately. Every entry is gated by a gradient check: the
 hand-written reference is checked against a float64 central difference along a random direction,
 and every other entry against an independently written reference for the same maths (nested
 ``lax.scan`` with hand-placed ``stop_gradient``); an entry whose gradient is wrong is reported as
@@ -201,17 +206,33 @@ def gradkit_tbptt(w: Workload, k1: int, k2: int):
     return value_and_grad
 
 
-def time_jax(fn, args, repeats: int):
+def prepare_jax(fn, args):
+    """Compiles fn for args and calls it once; returns (compile seconds, timed call, output)."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     out = jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def call():
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times), jax.tree.map(np.asarray, out)
+
+    return compile_s, call, jax.tree.map(np.asarray, out)
+
+
+def time_interleaved(calls: list, rounds: int) -> list[list[float]]:
+    """Times every call once per round, for several rounds; returns the seconds per call.
+
+    Round r starts at call r (mod the number of calls) so that no entry always runs first or
+    right after the same neighbour.
+    """
+    times: list[list[float]] = [[] for _ in calls]
+    for r in range(rounds):
+        for i in range(len(calls)):
+            j = (r + i) % len(calls)
+            start = time.perf_counter()
+            calls[j]()
+            times[j].append(time.perf_counter() - start)
+    return times
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,11 +256,14 @@ def pytensor_available() -> tuple[bool, str]:
 PYTENSOR_NOTES: set[str] = set()
 
 
-def time_pytensor(w: Workload, truncate_gradient: int, repeats: int):
-    """PyTensor scan with the C backend (linker "cvm"), same maths as the JAX versions."""
+def prepare_pytensor(w: Workload, truncate_gradient: int):
+    """PyTensor scan with the C backend (linker "cvm"), same maths as the JAX versions.
+
+    Returns (compile seconds, timed call, output) like :func:`prepare_jax`.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = _time_pytensor(w, truncate_gradient, repeats)
+        result = _prepare_pytensor(w, truncate_gradient)
     for warning in caught:
         if "BLAS" in str(warning.message):
             PYTENSOR_NOTES.add(
@@ -249,7 +273,7 @@ def time_pytensor(w: Workload, truncate_gradient: int, repeats: int):
     return result
 
 
-def _time_pytensor(w: Workload, truncate_gradient: int, repeats: int):
+def _prepare_pytensor(w: Workload, truncate_gradient: int):
     import pytensor
     import pytensor.tensor as pt
     from pytensor.compile.mode import Mode
@@ -284,14 +308,13 @@ def _time_pytensor(w: Workload, truncate_gradient: int, repeats: int):
     start = time.perf_counter()
     fn = pytensor.function([xs, targets], [loss, *grads], mode=Mode(linker="cvm"))
     compile_s = time.perf_counter() - start
-    out = fn(w.xs, w.targets)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    out = fn(w.xs, w.targets)  # warm-up
+
+    def call():
         fn(w.xs, w.targets)
-        times.append(time.perf_counter() - start)
+
     result = (np.asarray(out[0]), {k: np.asarray(g) for k, g in zip(names, out[1:], strict=True)})
-    return compile_s, statistics.median(times), result
+    return compile_s, call, result
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,76 +353,84 @@ def same_gradient(grads, reference, rtol: float = 2e-3) -> tuple[bool, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def speed(workload_name: str, steps: int, repeats: int, with_pytensor: bool):
+def speed(workload_name: str, steps: int, rounds: int, with_pytensor: bool):
+    """Compiles, checks and times every entry of one workload; returns (rows, times).
+
+    ``times`` maps an entry's key to its minimum time over the rounds (None if its gradient
+    check failed), plus ``same_program``.
+    """
     w = Workload(workload_name, steps)
     args = w.device_args()
-    rows = []
+    entries = []  # (key, method, compile_s, call, ok, check)
 
-    def add(name, timing, reference, check_label):
-        compile_s, run_s, (_, grads) = timing
+    def add(key, name, prepared, reference, check_label):
+        compile_s, call, (_, grads) = prepared
         ok, err = same_gradient(grads, reference)
-        rows.append(
-            {
-                "method": name,
-                "compile_s": compile_s,
-                "run_ms": run_s * 1e3 if ok else None,
-                "check": f"{'ok' if ok else 'WRONG'} vs {check_label} ({err:.0e})",
-            }
-        )
-        return run_s if ok else None
+        check = f"{'ok' if ok else 'WRONG'} vs {check_label} ({err:.0e})"
+        entries.append((key, name, compile_s, call, ok, check))
 
-    hand = time_jax(hand_full(w), args, repeats)
+    hand = prepare_jax(hand_full(w), args)
     fd_ok, fd_err = directional_fd_check(w, hand[2][1])
-    rows.append(
-        {
-            "method": "hand-written lax.scan",
-            "compile_s": hand[0],
-            "run_ms": hand[1] * 1e3 if fd_ok else None,
-            "check": f"{'ok' if fd_ok else 'WRONG'} vs float64 FD ({fd_err:.0e})",
-        }
-    )
+    fd_check = f"{'ok' if fd_ok else 'WRONG'} vs float64 FD ({fd_err:.0e})"
+    entries.append(("hand", "hand-written lax.scan", hand[0], hand[1], fd_ok, fd_check))
     reference = hand[2][1]
-    times = {"hand": hand[1] if fd_ok else None}
     same_program = (
         jax.jit(hand_full(w)).lower(*args).as_text()
         == jax.jit(gradkit_scan(w, None)).lower(*args).as_text()
     )
-    times["same_program"] = same_program
-    times["Full"] = add(
-        "gradkit Full()", time_jax(gradkit_scan(w, None), args, repeats), reference, "hand"
-    )
+    add("Full", "gradkit Full()", prepare_jax(gradkit_scan(w, None), args), reference, "hand")
     for k in (1, 10, 100):
         ref_k = jax.tree.map(np.asarray, jax.jit(hand_chunked(w, k))(*args)[1])
-        times[f"Chunked({k})"] = add(
+        add(
+            f"Chunked({k})",
             f"gradkit Chunked({k})",
-            time_jax(gradkit_scan(w, Chunked(k)), args, repeats),
+            prepare_jax(gradkit_scan(w, Chunked(k)), args),
             ref_k,
             f"hand TBPTT({k},{k})",
         )
         if k == 100 and w.name == "B":
-            times["tbptt"] = add(
+            add(
+                "tbptt",
                 "gradkit tbptt_value_and_grad(k1=k2=100)",
-                time_jax(gradkit_tbptt(w, 100, 100), args, repeats),
+                prepare_jax(gradkit_tbptt(w, 100, 100), args),
                 ref_k,
                 "hand TBPTT(100,100)",
             )
     tail_ref = jax.tree.map(np.asarray, jax.jit(hand_tail(w, 100))(*args)[1])
-    times["TheanoTail(100)"] = add(
+    add(
+        "TheanoTail(100)",
         "gradkit TheanoTail(100)",
-        time_jax(gradkit_scan(w, TheanoTail(100)), args, repeats),
+        prepare_jax(gradkit_scan(w, TheanoTail(100)), args),
         tail_ref,
         "hand tail(100)",
     )
     if with_pytensor:
-        times["pytensor"] = add(
-            "PyTensor scan (C), full", time_pytensor(w, -1, repeats), reference, "hand"
-        )
-        times["pytensor100"] = add(
+        add("pytensor", "PyTensor scan (C), full", prepare_pytensor(w, -1), reference, "hand")
+        add(
+            "pytensor100",
             "PyTensor scan (C), truncate_gradient=100",
-            time_pytensor(w, 100, repeats),
+            prepare_pytensor(w, 100),
             tail_ref,
             "hand tail(100)",
         )
+
+    # Only entries with a correct gradient are timed, all of them in the same rounds.
+    timed = [e for e in entries if e[4]]
+    runs_per_entry = time_interleaved([e[3] for e in timed], rounds)
+    measured = dict(zip((e[0] for e in timed), runs_per_entry, strict=True))
+    rows, times = [], {"same_program": same_program}
+    for key, name, compile_s, _, _, check in entries:
+        runs = measured.get(key)
+        rows.append(
+            {
+                "method": name,
+                "compile_s": compile_s,
+                "median_ms": statistics.median(runs) * 1e3 if runs else None,
+                "min_ms": min(runs) * 1e3 if runs else None,
+                "check": check,
+            }
+        )
+        times[key] = min(runs) if runs else None
     return rows, times
 
 
@@ -412,11 +443,18 @@ def print_speed_table(workload_name, steps, rows, times):
         f"\nWorkload {workload_name}, T = {steps:,}, batch {BATCH} "
         f"({'2 -> 2 softmax' if workload_name == 'A' else '32 -> 128 tanh'})"
     )
-    print(f"| {'method':<42} | {'compile s':>9} | {'run ms (median)':>15} | gradient check |")
-    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 17}|----------------|")
+    print(
+        f"| {'method':<42} | {'compile s':>9} | {'run ms (median)':>15} | {'run ms (min)':>12} "
+        "| gradient check |"
+    )
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 17}|{'-' * 14}|----------------|")
     for r in rows:
-        run = "-" if r["run_ms"] is None else f"{r['run_ms']:.1f}"
-        print(f"| {r['method']:<42} | {r['compile_s']:>9.2f} | {run:>15} | {r['check']} |")
+        median = "-" if r["median_ms"] is None else f"{r['median_ms']:.1f}"
+        least = "-" if r["min_ms"] is None else f"{r['min_ms']:.1f}"
+        print(
+            f"| {r['method']:<42} | {r['compile_s']:>9.2f} | {median:>15} | {least:>12} "
+            f"| {r['check']} |"
+        )
     targets = [
         ("gradkit Full / hand lax.scan", ratio(times["Full"], times["hand"]), 1.05),
         *(
@@ -446,7 +484,7 @@ def print_speed_table(workload_name, steps, rows, times):
         "\ngradkit Full() lowers to the same StableHLO program as the hand-written lax.scan: "
         + ("yes" if times["same_program"] else "no")
     )
-    print("ratios (target):")
+    print("ratios of the minimum times over the rounds (target):")
     for name, value, target in targets:
         shown = "n/a" if value is None else f"{value:.2f}"
         verdict = "" if value is None else ("met" if value <= target else "NOT met")
@@ -578,8 +616,14 @@ def memory(steps: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: T = 1,000, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per entry")
+    parser.add_argument("--quick", action="store_true", help="smoke run: T = 1,000, 2 rounds")
+    parser.add_argument(
+        "--rounds",
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved timing rounds, each timing every entry once (default 9)",
+    )
     parser.add_argument("--no-pytensor", action="store_true", help="skip the PyTensor columns")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed section")
@@ -591,7 +635,7 @@ def main(argv=None) -> int:
         return 0
     steps = 1_000 if args.quick else 10_000
     memory_steps = 10_000 if args.quick else 100_000
-    repeats = args.repeats or (2 if args.quick else 7)
+    rounds = args.rounds or (2 if args.quick else 9)
     with_pytensor = not args.no_pytensor
     if with_pytensor:
         with_pytensor, why = pytensor_available()
@@ -600,14 +644,15 @@ def main(argv=None) -> int:
     print(
         f"gradkit recurrent benchmark: jax {jax.__version__} on {jax.default_backend()} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-        f"median of {repeats} runs after a warm-up"
+        f"{rounds} interleaved timing rounds after a warm-up call per entry; "
+        "ratios use each entry's minimum over the rounds"
     )
     if with_pytensor:
         import pytensor
 
         print(f"PyTensor {pytensor.__version__}, C backend (linker cvm), floatX float32")
     for name in () if args.no_speed else ("A", "B"):
-        rows, times = speed(name, steps, repeats, with_pytensor)
+        rows, times = speed(name, steps, rounds, with_pytensor)
         print_speed_table(name, steps, rows, times)
     for note in sorted(PYTENSOR_NOTES):
         print(f"\nNote: {note}.")
