@@ -622,7 +622,7 @@ def main(argv=None) -> int:
         "--repeats",
         type=int,
         default=None,
-        help="interleaved timing rounds, each timing every entry once (default 9)",
+        help="interleaved timing rounds, each timing every entry once (default 25)",
     )
     parser.add_argument("--no-pytensor", action="store_true", help="skip the PyTensor columns")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
@@ -635,7 +635,7 @@ def main(argv=None) -> int:
         return 0
     steps = 1_000 if args.quick else 10_000
     memory_steps = 10_000 if args.quick else 100_000
-    rounds = args.rounds or (2 if args.quick else 9)
+    rounds = args.rounds or (2 if args.quick else 25)
     with_pytensor = not args.no_pytensor
     if with_pytensor:
         with_pytensor, why = pytensor_available()
