@@ -486,7 +486,7 @@ def print_speed_table(workload_name, steps, rows, times):
     )
     print("ratios of the minimum times over the rounds (target):")
     for name, value, target in targets:
-        shown = "n/a" if value is None else f"{value:.2f}"
+        shown = "n/a" if value is None else f"{value:.3f}"
         verdict = "" if value is None else ("met" if value <= target else "NOT met")
         print(f"  {name:<58} {shown:>6}  (<= {target})  {verdict}")
 
