@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import html
 import math
 import os
@@ -226,9 +227,14 @@ def _histogram(x: jax.Array) -> jax.Array:
     return jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32).at[bins.ravel()].add(counted.ravel())
 
 
-def _leaf_stats(g: jax.Array, histogram: bool = True) -> LeafStats:
-    g = jnp.asarray(g)
-    x = g.astype(_compute_dtype(g.dtype))
+def _exact_leaf_stats(x: jax.Array, branch: bool = True) -> LeafStats:
+    """Statistics of one leaf (already in its compute dtype) that hold for any values.
+
+    Scaled by a power of two before squaring, a second pass for the standard deviation, and
+    masks plus NaN/Inf counts when some entry is not finite. No histogram. ``branch=False``
+    always takes the masked path instead of choosing with a :func:`jax.lax.cond` (for code that
+    is itself inside a rarely taken branch, where a nested cond costs more than it saves).
+    """
     size = max(x.size, 1)
     zero_int = jnp.zeros([], jnp.int32)
 
@@ -248,27 +254,236 @@ def _leaf_stats(g: jax.Array, histogram: bool = True) -> LeafStats:
 
     # max|x| is NaN or Inf exactly when some entry is; the common all-finite case skips the masks.
     raw_max = jnp.max(jnp.abs(x), initial=0)
-    norm, max_abs, mean, std, nan_count, posinf_count, neginf_count = lax.cond(
-        jnp.isfinite(raw_max), all_finite, some_nonfinite, x, raw_max
-    )
-    if histogram:
-        counts = _histogram(x)
-        nonzero = jnp.sum(counts) + nan_count + posinf_count + neginf_count
-        zero_fraction = (x.size - nonzero).astype(x.dtype) / size
+    if branch:
+        values = lax.cond(jnp.isfinite(raw_max), all_finite, some_nonfinite, x, raw_max)
     else:
-        counts = None
-        zero_fraction = jnp.sum(x == 0, dtype=x.dtype) / size
+        values = some_nonfinite(x, raw_max)
+    norm, max_abs, mean, std, nan_count, posinf_count, neginf_count = values
     return LeafStats(
         norm=norm,
         max_abs=max_abs,
         mean=mean,
         std=std,
-        zero_fraction=zero_fraction,
+        zero_fraction=jnp.sum(x == 0, dtype=x.dtype) / size,
         nan_count=nan_count,
         posinf_count=posinf_count,
         neginf_count=neginf_count,
-        log2_histogram=counts,
+        log2_histogram=None,
     )
+
+
+#: Leaves with at most this many entries always take the exact path of :func:`gradient_stats`
+#: (its cost is negligible at that size); larger ones first try the one-pass sums.
+FAST_PATH_MIN_SIZE = 4096
+
+
+def _trustworthy_square_sum(square_sum: jax.Array) -> jax.Array:
+    """Whether a plain float sum of squares is accurate to the dtype's rounding.
+
+    It is when it is finite (no partial sum overflowed: every term is positive) and at least
+    ``2**64`` times the smallest normal number: then the terms that decide it are normal numbers,
+    and the terms that underflowed (each below the smallest normal) add up to less than
+    ``2**-24`` of it for any leaf of fewer than ``2**40`` entries.
+    """
+    tiny = jnp.finfo(square_sum.dtype).tiny * 2.0**64
+    return jnp.isfinite(square_sum) & (square_sum >= tiny)
+
+
+def _fast_leaf_stats(
+    x: jax.Array, param: jax.Array | None, update: jax.Array | None
+) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
+    r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
+
+    Four reductions over the gradient (:math:`\max|g|`, :math:`\sum g`, :math:`\sum g^2`, the
+    number of zeros) and one over each of the parameter and update leaves, instead of the exact
+    path's scaled two-pass moments. They are used only when they are provably accurate: every
+    entry finite, the sums of squares neither overflowed nor underflowed
+    (:func:`_trustworthy_square_sum`), and the variance :math:`\overline{g^2} - \bar g^2` at
+    least half of :math:`\overline{g^2}` (so :math:`|\bar g| \le \sigma` and the subtraction
+    loses at most one bit). Otherwise a :func:`jax.lax.cond` takes the exact path for this leaf.
+    """
+    size = x.size
+    max_abs = jnp.max(jnp.abs(x))
+    total = jnp.sum(x)
+    square_sum = jnp.sum(jnp.square(x))
+    zeros = jnp.sum(x == 0, dtype=x.dtype)
+    mean = total / size
+    mean_square = square_sum / size
+    variance = mean_square - jnp.square(mean)
+    ok = (
+        jnp.isfinite(max_abs)
+        & jnp.isfinite(total)
+        & ((max_abs == 0) | (_trustworthy_square_sum(square_sum) & (variance >= 0.5 * mean_square)))
+    )
+    others = [leaf for leaf in (param, update) if leaf is not None]
+    other_sums = [jnp.sum(jnp.square(leaf.astype(x.dtype))) for leaf in others]
+    for other_sum in other_sums:
+        ok = ok & ((other_sum == 0) | _trustworthy_square_sum(other_sum))
+
+    def fast(x, others, other_sums):
+        del x, others
+        zero_int = jnp.zeros([], jnp.int32)
+        stats = LeafStats(
+            norm=jnp.sqrt(square_sum),
+            max_abs=max_abs,
+            mean=mean,
+            std=jnp.sqrt(jnp.maximum(variance, 0)),
+            zero_fraction=zeros / size,
+            nan_count=zero_int,
+            posinf_count=zero_int,
+            neginf_count=zero_int,
+            log2_histogram=None,
+        )
+        return stats, [jnp.sqrt(s) for s in other_sums]
+
+    def exact(x, others, other_sums):
+        del other_sums
+        return _exact_leaf_stats(x), [safe_norm(leaf).astype(x.dtype) for leaf in others]
+
+    stats, other_norms = lax.cond(ok, fast, exact, x, others, other_sums)
+    other_norms = iter(other_norms)
+    param_norm = next(other_norms) if param is not None else None
+    update_norm = next(other_norms) if update is not None else None
+    return stats, param_norm, update_norm
+
+
+def _leaf_stats(
+    g: jax.Array,
+    param: jax.Array | None = None,
+    update: jax.Array | None = None,
+    *,
+    branch: bool = True,
+) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
+    g = jnp.asarray(g)
+    x = g.astype(_compute_dtype(g.dtype))
+    if branch and x.size > FAST_PATH_MIN_SIZE:
+        return _fast_leaf_stats(x, param, update)
+    param_norm = None if param is None else safe_norm(param).astype(x.dtype)
+    update_norm = None if update is None else safe_norm(update).astype(x.dtype)
+    return _exact_leaf_stats(x, branch), param_norm, update_norm
+
+
+_FLOAT_FIELDS = (
+    "norm",
+    "max_abs",
+    "mean",
+    "std",
+    "zero_fraction",
+    "param_norm",
+    "update_norm",
+    "update_ratio",
+)
+_COUNT_FIELDS = ("nan_count", "posinf_count", "neginf_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The static part of packed statistics: which pytree, which dtypes, which fields."""
+
+    treedef: Any
+    dtypes: tuple[np.dtype, ...]
+    with_params: bool
+    with_updates: bool
+    histogram: bool
+
+
+class _Packed(NamedTuple):
+    """Statistics of all leaves in three arrays (few buffers: cheap to carry, copy and fetch).
+
+    ``floats`` is ``(leaves, len(_FLOAT_FIELDS))`` in the widest compute dtype (absent fields
+    are NaN), ``counts`` ``(leaves, 3)`` int32 and ``histograms`` ``(leaves, bins)`` int32 or
+    ``None``.
+    """
+
+    floats: jax.Array
+    counts: jax.Array
+    histograms: jax.Array | None
+
+
+def _packed_stats(
+    grads: PyTree,
+    params: PyTree | None = None,
+    updates: PyTree | None = None,
+    *,
+    histogram: bool = True,
+    branch: bool = True,
+) -> tuple[_Layout, _Packed]:
+    """:func:`gradient_stats` as a static layout and three arrays; validates its input."""
+    leaves_with_path = _check_floating("grads", grads)
+    grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
+    param_leaves = (
+        None
+        if params is None
+        else _check_same_structure("grads", leaves_with_path, "params", params)
+    )
+    update_leaves = (
+        None
+        if updates is None
+        else _check_same_structure("grads", leaves_with_path, "updates", updates)
+    )
+    dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
+    wide = functools.reduce(jnp.promote_types, dtypes)
+    rows, counts, histograms = [], [], []
+    for i, g in enumerate(grad_leaves):
+        stats, param_norm, update_norm = _leaf_stats(
+            g,
+            None if param_leaves is None else param_leaves[i],
+            None if update_leaves is None else update_leaves[i],
+            branch=branch,
+        )
+        ratio = None
+        if param_norm is not None and update_norm is not None:
+            ratio = jnp.where(
+                param_norm > 0,
+                update_norm / jnp.where(param_norm > 0, param_norm, 1),
+                jnp.where(update_norm > 0, jnp.inf, 0.0),
+            )
+        stats = stats._replace(param_norm=param_norm, update_norm=update_norm, update_ratio=ratio)
+        rows.append(
+            jnp.stack(
+                [
+                    jnp.full((), jnp.nan, wide)
+                    if getattr(stats, field) is None
+                    else getattr(stats, field).astype(wide)
+                    for field in _FLOAT_FIELDS
+                ]
+            )
+        )
+        counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
+        if histogram:
+            histograms.append(_histogram(g.astype(dtypes[i])))
+    layout = _Layout(
+        treedef=jax.tree_util.tree_structure(grads),
+        dtypes=dtypes,
+        with_params=params is not None,
+        with_updates=updates is not None,
+        histogram=histogram,
+    )
+    packed = _Packed(
+        floats=jnp.stack(rows),
+        counts=jnp.stack(counts),
+        histograms=jnp.stack(histograms) if histogram else None,
+    )
+    return layout, packed
+
+
+def _unpack(layout: _Layout, packed: _Packed) -> PyTree:
+    """The pytree of :class:`LeafStats` that :func:`_packed_stats` packed."""
+    absent = set()
+    if not layout.with_params:
+        absent |= {"param_norm", "update_ratio"}
+    if not layout.with_updates:
+        absent |= {"update_norm", "update_ratio"}
+    out = []
+    for i, dtype in enumerate(layout.dtypes):
+        values = {
+            field: None if field in absent else packed.floats[i, j].astype(dtype)
+            for j, field in enumerate(_FLOAT_FIELDS)
+        }
+        values.update({field: packed.counts[i, j] for j, field in enumerate(_COUNT_FIELDS)})
+        hist = None if packed.histograms is None else packed.histograms[i]
+        out.append(LeafStats(**values, log2_histogram=hist))
+    return jax.tree_util.tree_unflatten(layout.treedef, out)
 
 
 def gradient_stats(
@@ -310,57 +525,57 @@ def gradient_stats(
       >>> print(f'{float(stats["w"].norm):.3g}')  # a plain float32 norm would be 0.0
       2e-20
     """
-    leaves_with_path = _check_floating("grads", grads)
-    treedef = jax.tree_util.tree_structure(grads)
-    grad_leaves = [leaf for _, leaf in leaves_with_path]
-    param_leaves = (
-        _check_same_structure("grads", leaves_with_path, "params", params)
-        if params is not None
-        else None
-    )
-    update_leaves = (
-        _check_same_structure("grads", leaves_with_path, "updates", updates)
-        if updates is not None
-        else None
-    )
-    out = []
-    for i, g in enumerate(grad_leaves):
-        stats = _leaf_stats(g, histogram)
-        param_norm = update_norm = ratio = None
-        if param_leaves is not None:
-            param_norm = safe_norm(param_leaves[i]).astype(stats.norm.dtype)
-        if update_leaves is not None:
-            update_norm = safe_norm(update_leaves[i]).astype(stats.norm.dtype)
-        if param_norm is not None and update_norm is not None:
-            ratio = jnp.where(
-                param_norm > 0,
-                update_norm / jnp.where(param_norm > 0, param_norm, 1),
-                jnp.where(update_norm > 0, jnp.inf, 0.0),
-            )
-        out.append(
-            stats._replace(param_norm=param_norm, update_norm=update_norm, update_ratio=ratio)
-        )
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return _unpack(*_packed_stats(grads, params, updates, histogram=histogram))
 
 
 # ---------------------------------------------------------------------------------------------
 # The optax monitor.
 
 
-class HealthMonitorState(NamedTuple):
-    """State of :func:`health_monitor`.
+@jax.tree_util.register_pytree_node_class
+class HealthMonitorState:
+    """State of :func:`health_monitor` (a pytree).
+
+    The statistics are stored packed (a few arrays for all leaves, so carrying, copying and
+    fetching them costs a few buffers, not a dozen per leaf); :attr:`stats` unpacks them.
 
     Attributes:
       count: the number of updates seen so far (int32).
       stats_step: the update index (0-based) at which ``stats`` were computed, -1 before the first.
-      stats: the latest :func:`gradient_stats` pytree.
+      stats: the latest :func:`gradient_stats` pytree (zeros before the first update).
       inner_state: the state of the wrapped optimiser (``optax.EmptyState()`` without one).
     """
 
-    count: jax.Array
-    stats_step: jax.Array
-    stats: PyTree
-    inner_state: optax.OptState
+    def __init__(
+        self,
+        count: jax.Array,
+        stats_step: jax.Array,
+        packed: _Packed,
+        inner_state: optax.OptState,
+        layout: _Layout,
+    ) -> None:
+        self.count = count
+        self.stats_step = stats_step
+        self.packed = packed
+        self.inner_state = inner_state
+        self.layout = layout
+
+    @property
+    def stats(self) -> PyTree:
+        return _unpack(self.layout, self.packed)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], _Layout]:
+        return (self.count, self.stats_step, self.packed, self.inner_state), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: _Layout, children: tuple[Any, ...]) -> HealthMonitorState:
+        return cls(*children, layout=layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"HealthMonitorState(count={self.count!r}, stats_step={self.stats_step!r}, "
+            f"leaves={len(self.layout.dtypes)}, inner_state={self.inner_state!r})"
+        )
 
 
 def health_monitor(
@@ -407,20 +622,33 @@ def health_monitor(
         raise ValueError(f"every must be a positive integer, got {every!r}")
     every = int(every)
 
-    def _stats(grads, params, updates):
-        return gradient_stats(
-            grads, params, updates if inner is not None else None, histogram=histogram
+    def _stats(grads, params, updates, branch):
+        return _packed_stats(
+            grads,
+            params,
+            updates if inner is not None else None,
+            histogram=histogram,
+            branch=branch,
         )
 
     def init_fn(params):
-        shapes = jax.eval_shape(lambda p: _stats(p, p, p), params)
-        stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        layout = []
+
+        def packed_of(p):
+            found, packed = _stats(p, p, p, True)
+            layout.append(found)
+            return packed
+
+        shapes = jax.eval_shape(packed_of, params)
+        layout = layout[0]
+        packed = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         inner_state = inner.init(params) if inner is not None else optax.EmptyState()
         return HealthMonitorState(
             count=jnp.zeros([], jnp.int32),
             stats_step=jnp.full([], -1, jnp.int32),
-            stats=stats,
+            packed=packed,
             inner_state=inner_state,
+            layout=layout,
         )
 
     def update_fn(updates, state, params=None):
@@ -430,33 +658,40 @@ def health_monitor(
         else:
             new_updates, inner_state = updates, state.inner_state
 
-        def compute():
+        def compute(applied, branch):
             if params is not None:
-                return _stats(grads, params, new_updates)
-            # No params this step: keep the state's structure, mark what is unknown as NaN.
-            stats = _stats(grads, grads, new_updates)
-            return jax.tree_util.tree_map(
-                lambda s: s._replace(
-                    param_norm=jnp.full_like(s.param_norm, jnp.nan),
-                    update_ratio=None
-                    if s.update_ratio is None
-                    else jnp.full_like(s.update_ratio, jnp.nan),
-                ),
-                stats,
-                is_leaf=_is_stats,
-            )
-
-        def compute_in_state_dtypes():
+                _, packed = _stats(grads, params, applied, branch)
+            else:
+                # No params this step: keep the state's layout, mark what is unknown as NaN.
+                _, packed = _stats(grads, grads, applied, branch)
+                unknown = np.isin(_FLOAT_FIELDS, ["param_norm", "update_ratio"])
+                packed = packed._replace(floats=jnp.where(unknown, jnp.nan, packed.floats))
             # Gradients may arrive in another dtype than the params the state was built from.
             return jax.tree_util.tree_map(
-                lambda new, old: new.astype(old.dtype), compute(), state.stats
+                lambda new, old: new.astype(old.dtype), packed, state.packed
             )
 
+        def compute_from_inputs():
+            # The inner update is recomputed here rather than passed in: a cond operand would
+            # have to be materialised, which keeps XLA from fusing the inner optimiser's
+            # arithmetic into the parameter update on the steps that are not monitored. Inside
+            # this rarely taken branch the statistics take their cond-free exact path.
+            if inner is None:
+                return compute(grads, branch=False)
+            return compute(inner.update(grads, state.inner_state, params)[0], branch=False)
+
         due = state.count % every == 0
-        stats = lax.cond(due, compute_in_state_dtypes, lambda: state.stats)
+        if every == 1:
+            packed = compute(new_updates, branch=True)
+        else:
+            packed = lax.cond(due, compute_from_inputs, lambda: state.packed)
         stats_step = jnp.where(due, state.count, state.stats_step)
         new_state = HealthMonitorState(
-            count=state.count + 1, stats_step=stats_step, stats=stats, inner_state=inner_state
+            count=state.count + 1,
+            stats_step=stats_step,
+            packed=packed,
+            inner_state=inner_state,
+            layout=state.layout,
         )
         return new_updates, new_state
 

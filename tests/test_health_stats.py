@@ -298,3 +298,100 @@ def test_monitor_accepts_gradients_in_another_dtype_than_its_state():
         _, state = tx.update({"w": jnp.full(3, 2.0, jnp.float64)}, state, params)
         assert state.stats["w"].norm.dtype == jnp.float32
         np.testing.assert_allclose(float(state.stats["w"].norm), 2.0 * np.sqrt(3.0), rtol=1e-6)
+
+
+# Leaves larger than FAST_PATH_MIN_SIZE take the one-pass sums when they are provably accurate
+# and the exact path otherwise; both must agree with the float64 reference.
+_LARGE = (96, 64)
+assert _LARGE[0] * _LARGE[1] > _health.FAST_PATH_MIN_SIZE
+
+
+def _large(seed=0, scale=1.0, offset=0.0):
+    g = np.random.default_rng(seed).standard_normal(_LARGE) * scale + offset
+    return g.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ordinary",  # fast path
+        "with_zeros",  # fast path, exact zeros counted
+        "tiny",  # squares underflow: exact path
+        "huge",  # squares overflow: exact path
+        "offset",  # |mean| >> std: exact path (the one-pass variance would cancel)
+        "nonfinite",  # masks and counts: exact path
+        "all_zero",  # fast path, every statistic 0
+    ],
+)
+def test_large_leaves_match_the_reference_on_every_path(case):
+    g = {
+        "ordinary": _large(),
+        "with_zeros": np.where(_large(1) > 0.5, _large(2), 0).astype(np.float32),
+        "tiny": _large(3, scale=1e-20),
+        "huge": _large(4, scale=1e25),
+        "offset": _large(5, scale=1e-3, offset=1.0),
+        "nonfinite": _large(6),
+        "all_zero": np.zeros(_LARGE, np.float32),
+    }[case]
+    if case == "nonfinite":
+        g[3, 4], g[10, 0], g[50, 60] = np.nan, np.inf, -np.inf
+    stats = _stats_jit({"w": g})["w"]
+    _check_against_reference(stats, g, rtol=1e-5)
+    if case == "offset":
+        np.testing.assert_allclose(stats.std, np.std(g.astype(np.float64)), rtol=1e-3)
+
+
+def test_large_leaf_param_and_update_norms_on_both_paths():
+    grads = {"w": _large(7)}
+    for params, updates in [
+        ({"w": _large(8)}, {"w": _large(9, scale=1e-3)}),  # fast
+        ({"w": _large(10, scale=1e-21)}, {"w": _large(11, scale=1e20)}),  # exact
+    ]:
+        stats = jax.jit(gradient_stats)(grads, params, updates)["w"]
+        ref_p = np.linalg.norm(params["w"].astype(np.float64))
+        ref_u = np.linalg.norm(updates["w"].astype(np.float64))
+        np.testing.assert_allclose(stats.param_norm, ref_p, rtol=1e-5)
+        np.testing.assert_allclose(stats.update_norm, ref_u, rtol=1e-5)
+        with np.errstate(over="ignore"):  # 1e41 overflows float32 to inf, as it should
+            ratio = np.float32(ref_u / ref_p)
+        np.testing.assert_allclose(stats.update_ratio, ratio, rtol=1e-5)
+
+
+def test_monitor_state_packs_statistics_into_a_few_buffers():
+    # However many leaves, the statistics are three arrays: cheap to carry through a jitted
+    # step and to copy on the steps that keep the previous ones.
+    params = {f"layer_{i}": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)} for i in range(5)}
+    state = health_monitor(every=10, inner=optax.adam(1e-3)).init(params)
+    adam_leaves = len(jax.tree_util.tree_leaves(optax.adam(1e-3).init(params)))
+    assert len(jax.tree_util.tree_leaves(state)) == 2 + 3 + adam_leaves
+    assert set(state.stats) == set(params)
+    # A pytree: it round-trips through flatten/unflatten and jit, and prints without the arrays.
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    chex.assert_trees_all_equal(rebuilt.stats, state.stats)
+    assert "leaves=10" in repr(jax.jit(lambda s: s)(state))
+
+
+def test_monitor_every_k_reports_the_update_actually_applied():
+    params = {"w": jnp.asarray(_large(12)), "b": jnp.ones(3)}
+    grads = {"w": jnp.asarray(_large(13)), "b": jnp.full(3, 0.5)}
+    inner = optax.adam(1e-2)
+    tx = health_monitor(every=2, inner=inner)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(3):
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if i % 2 == 0:  # a monitored step: the statistics describe this update
+            for name in ("w", "b"):
+                np.testing.assert_allclose(
+                    state.stats[name].update_norm, np.linalg.norm(updates[name]), rtol=1e-5
+                )
+    assert int(state.stats_step) == 2
+
+
+def test_module_doctests_pass():
+    import doctest
+
+    results = doctest.testmod(_health, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0
