@@ -1328,6 +1328,7 @@ def diagnose(
     key: jax.Array | None = None,
     try_fixes: bool = True,
     flax_modules: tuple[type, ...] | None = None,
+    batches: Collection[Any] | None = None,
 ) -> HealthReport:
     r"""Runs one forward/backward pass and gives a per-layer verdict on the gradient flow.
 
@@ -1372,13 +1373,19 @@ def diagnose(
       key: PRNG key for the re-initialisation candidates (default ``jax.random.key(0)``).
       try_fixes: set False to skip the counterfactual fixes.
       flax_modules: the Flax linen module types whose outputs are layer boundaries.
+      batches: instead of ``*batch``, a few batches (a list of tuples of ``loss_fn``'s batch
+        arguments, or a list of single batch arguments). They are joined along their first
+        axis and analysed as one batch, so a unit is dead only if it is inactive on every
+        example of every batch, and the gradients are those of the loss over all of them.
 
     Returns:
       A :class:`HealthReport`.
 
     Raises:
-      ValueError: if ``params`` is empty, the loss is not a scalar, or ``activations`` names an
-        unknown activation.
+      ValueError: if ``params`` is empty, the loss is not a scalar, ``activations`` names an
+        unknown activation, or ``batches`` is empty, given together with ``*batch``, or holds
+        batches that cannot be joined (another structure, other trailing shapes, or other
+        non-array arguments).
       TypeError: if ``loss_fn`` is not callable or a parameter leaf is not floating point.
 
     Example:
@@ -1401,6 +1408,10 @@ def diagnose(
                 _activations.get(activation)
             except ValueError as error:
                 raise ValueError(f"activations[{layer!r}]: {error}") from None
+    if batches is not None:
+        if batch:
+            raise ValueError("diagnose: pass either *batch or batches=[...], not both")
+        batch = _join_batches(batches)
     params = jax.tree_util.tree_map(_strong_array, params)
     runner, arrays = _runner_for(loss_fn, params, batch, has_aux, flax_modules, overrides)
     base = runner.analyse(params, arrays)
@@ -1426,6 +1437,40 @@ def diagnose(
         },
         unobserved=list(runner.hidden),
     )
+
+
+def _join_batches(batches: Collection[Any]) -> tuple[Any, ...]:
+    """One batch (a tuple of ``loss_fn``'s batch arguments) from several, joined on axis 0."""
+    batches = [b if isinstance(b, tuple) else (b,) for b in batches]
+    if not batches:
+        raise ValueError("diagnose: batches is empty; pass at least one batch")
+    structure = jax.tree_util.tree_structure(batches[0])
+    leaves = []
+    for i, b in enumerate(batches):
+        if jax.tree_util.tree_structure(b) != structure:
+            raise ValueError(
+                f"diagnose: batches[{i}] has another structure than batches[0] "
+                f"({jax.tree_util.tree_structure(b)} vs {structure})"
+            )
+        leaves.append(jax.tree_util.tree_leaves(b))
+    joined = []
+    for position, column in enumerate(zip(*leaves, strict=True)):
+        if not _is_batch_array(column[0]):
+            if any(_is_batch_array(v) or v != column[0] for v in column[1:]):
+                raise ValueError(
+                    f"diagnose: batch argument leaf {position} is not an array and differs "
+                    f"between batches ({column[0]!r} vs the others); only arrays are joined"
+                )
+            joined.append(column[0])
+            continue
+        shapes = [np.shape(v) for v in column]
+        if any(len(shape) == 0 or shape[1:] != shapes[0][1:] for shape in shapes):
+            raise ValueError(
+                f"diagnose: batch argument leaf {position} cannot be joined along its first "
+                f"axis: shapes {shapes}"
+            )
+        joined.append(jnp.concatenate([jnp.asarray(v) for v in column]))
+    return tuple(jax.tree_util.tree_unflatten(structure, joined))
 
 
 def _strong_array(leaf: Any) -> jax.Array:

@@ -439,3 +439,52 @@ def test_report_renders_as_text_dict_html_and_png(seed_report, tmp_path):
     assert len(figure.axes) >= 2
     image = matplotlib.image.imread(tmp_path / "report.png")
     assert image.ndim == 3 and image.shape[1] > 600 and image[..., :3].std() > 0.05
+
+
+def test_a_few_batches_are_analysed_as_one():
+    # Unit 0 fires for x > 0 only, unit 1 for x < 0 only: each looks dead on a batch of one sign.
+    mlp = MLP([1, 2, 1], "relu")
+    params = {
+        "dense_0": {"kernel": np.array([[1.0, -1.0]], np.float32), "bias": np.zeros(2, np.float32)},
+        "dense_1": {
+            "kernel": np.array([[0.5], [0.7]], np.float32),
+            "bias": np.zeros(1, np.float32),
+        },
+    }
+
+    def loss(p, x, y):
+        return jnp.mean((mlp.apply(p, x) - y) ** 2)
+
+    negative = (-np.linspace(0.5, 2.0, 6, dtype=np.float32)[:, None], np.ones((6, 1), np.float32))
+    positive = (np.linspace(0.5, 2.0, 4, dtype=np.float32)[:, None], np.zeros((4, 1), np.float32))
+    one = diagnose(loss, params, *negative, try_fixes=False)
+    assert one.layer("dense_0").dead_fraction == 0.5
+    both = diagnose(loss, params, batches=[negative, positive], try_fixes=False)
+    assert both.layer("dense_0").dead_fraction == 0.0
+    x, y = (np.concatenate(parts) for parts in zip(negative, positive, strict=True))
+    grads, _ = _relu_mlp_backprop(params, x, lambda out: 2 * (out - y) / y.size)
+    np.testing.assert_allclose(both.layer("dense_0").grad_norm, _norm(grads["dense_0"]), 1e-5)
+    np.testing.assert_allclose(both.loss, float(loss(params, x, y)), rtol=1e-6)
+    # Single-argument batches may be given bare.
+    bare = diagnose(lambda p, x: jnp.mean(mlp.apply(p, x) ** 2), params, batches=[x[:6], x[6:]])
+    assert bare.layer("dense_0").dead_fraction == 0.0
+
+
+def test_bad_batches_are_refused_with_a_reason():
+    mlp = MLP([2, 3, 1], "relu")
+    params = mlp.init(jax.random.key(0))
+
+    def loss(p, x, scale=1.0):
+        return scale * jnp.mean(mlp.apply(p, x) ** 2)
+
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="either \\*batch or batches"):
+        diagnose(loss, params, x, batches=[(x,)])
+    with pytest.raises(ValueError, match="batches is empty"):
+        diagnose(loss, params, batches=[])
+    with pytest.raises(ValueError, match=r"cannot be joined along its first axis: shapes"):
+        diagnose(loss, params, batches=[(x,), (np.ones((4, 3), np.float32),)])
+    with pytest.raises(ValueError, match="another structure"):
+        diagnose(loss, params, batches=[(x,), (x, x)])
+    with pytest.raises(ValueError, match="is not an array and differs"):
+        diagnose(loss, params, batches=[(x, 1.0), (x, 2.0)])
