@@ -171,6 +171,82 @@ def test_eval_fn_callbacks_and_early_stop():
     )
 
 
+# Eight batches of five examples; numpy copies, so a test may write a NaN into one.
+BATCHES = [(X[i : i + 5].copy(), Y[i : i + 5].copy()) for i in range(0, N, 5)]
+
+
+def _manual_states(loss, params, optimizer, batches):
+    """The states ``[state_0, state_1, ...]`` of a plain make_train_step loop over ``batches``."""
+    step = make_train_step(loss, optimizer)
+    states = [TrainState.create(params, optimizer)]
+    for batch in batches:
+        states.append(step(states[-1], batch)[0])
+    return states
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 4, 5, 7])
+def test_callbacks_and_evals_see_each_step_with_its_state_and_a_stop_returns_that_step(stop_at):
+    # fit handles finished steps in blocks while later steps run: whatever the position of the
+    # stopping step in its block, every step up to it is seen once, in order, with its own state,
+    # and the run returns that step's state, not a later one already launched.
+    optimizer = optax.sgd(0.1)
+    expected = _manual_states(linear_loss, LINEAR, optimizer, BATCHES)
+    seen = []
+
+    def callback(step, state, metrics):
+        seen.append(step)
+        assert _leaves_equal(state.params, expected[step].params)
+        assert int(state.step) == step
+        np.testing.assert_allclose(
+            metrics["eval_eval"], linear_loss(expected[step].params, (X, Y)), rtol=1e-6
+        )
+        return step == stop_at
+
+    state, history = fit(
+        linear_loss,
+        LINEAR,
+        BATCHES,
+        optimizer,
+        steps=8,
+        eval_fn=lambda p: linear_loss(p, (X, Y)),
+        eval_every=1,
+        callbacks=[callback],
+        progress=False,
+    )
+    assert seen == list(range(1, stop_at + 1))
+    assert int(state.step) == stop_at and _leaves_equal(state.params, expected[stop_at].params)
+    np.testing.assert_array_equal(
+        jax.random.key_data(state.key), jax.random.key_data(jax.random.key(0))
+    )
+    np.testing.assert_array_equal(history.steps, np.arange(1, stop_at + 1))
+    np.testing.assert_array_equal(history.eval_steps, np.arange(1, stop_at + 1))
+
+
+def test_fit_runs_ahead_of_the_host_by_at_most_max_steps_in_flight():
+    drawn = []
+
+    def batches():
+        for batch in BATCHES * 3:
+            drawn.append(1)
+            yield batch
+
+    ahead = []
+    fit(
+        linear_loss,
+        LINEAR,
+        batches(),
+        optax.sgd(0.1),
+        steps=20,
+        callbacks=[lambda step, state, metrics: ahead.append(len(drawn) - step)],
+        progress=False,
+    )
+    assert len(ahead) == 20
+    # the device gets later steps while the host handles earlier ones, but no more than the
+    # bound (each unhandled step keeps a state alive)
+    assert 1 <= max(ahead) <= training._MAX_STEPS_IN_FLIGHT
+    assert min(ahead) >= 0
+
+
 def test_progress_bar_shows_steps_loss_and_rate(capsys):
     _, history = fit(
         linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=5, batch_size=8, progress=True
@@ -437,6 +513,60 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert newest == error.step - 1 and error.checkpoint.name == f"ckpt_{newest:08d}.npz"
     restored, _, _ = _checkpoint.restore(error.checkpoint, error.state)
     assert _leaves_equal(restored.params, error.state.params)
+
+
+@pytest.mark.parametrize("bad_step", [1, 2, 3, 4, 6])
+def test_a_nan_at_any_step_stops_there_with_the_state_and_batch_before_it(bad_step):
+    batches = [(x.copy(), y.copy()) for x, y in BATCHES]
+    batches[bad_step - 1][0][0, 0] = np.nan
+    optimizer = optax.sgd(0.1)
+    expected = _manual_states(linear_loss, LINEAR, optimizer, batches[: bad_step - 1])
+    seen = []
+    with pytest.raises(
+        NonFiniteLossError, match=rf"training stopped at step {bad_step}: the loss is nan"
+    ) as info:
+        fit(
+            linear_loss,
+            LINEAR,
+            batches,
+            optimizer,
+            steps=8,
+            callbacks=[lambda step, state, metrics: seen.append(step)],
+            progress=False,
+        )
+    error = info.value
+    assert error.step == bad_step
+    assert int(error.state.step) == bad_step - 1
+    assert _leaves_equal(error.state.params, expected[-1].params)
+    assert error.batch is batches[bad_step - 1]
+    # the steps launched after the bad one are neither recorded nor shown to callbacks
+    np.testing.assert_array_equal(error.history.steps, np.arange(1, bad_step))
+    assert seen == list(range(1, bad_step))
+
+
+def test_a_nan_example_in_array_data_is_reported_with_its_gathered_batch():
+    seed, batch_size, bad_step = 4, 8, 3
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(seed), 0), N))
+    index = order[(bad_step - 1) * batch_size : bad_step * batch_size]
+    x = X.copy()
+    x[index[5], 1] = np.nan  # drawn in epoch 0 at step 3 only
+    with pytest.raises(
+        NonFiniteLossError, match=r"training stopped at step 3: the loss is nan"
+    ) as info:
+        fit(
+            linear_loss,
+            LINEAR,
+            (x, Y),
+            optax.sgd(0.1),
+            steps=10,
+            batch_size=batch_size,
+            seed=seed,
+            progress=False,
+        )
+    error = info.value
+    np.testing.assert_array_equal(error.batch[0], x[index])  # NaNs compare equal here
+    np.testing.assert_array_equal(error.batch[1], Y[index])
+    assert int(error.state.step) == 2 and len(error.history) == 2
 
 
 def _dead_relu_loss(params, batch):
