@@ -262,6 +262,15 @@ def _jax_detects(function, args, order) -> tuple[bool, str]:
         return False, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
 
 
+def _record(result: dict, bug: str, found: bool, note: str, start: float) -> None:
+    """Adds one wrong rule's outcome (and the time since ``start``) to a tool's tally."""
+    result["time"] += time.perf_counter() - start
+    result["bugs"] += 1
+    result["detected"] += found
+    if not found:
+        result["notes"].append(f"missed {bug}" + (f" ({note})" if note else ""))
+
+
 def corpus_table(bugs, smooth, dtypes) -> list[dict]:
     rows = []
     torch_bugs = _torch_bugs() if torch is not None else {}
@@ -282,33 +291,17 @@ def corpus_table(bugs, smooth, dtypes) -> list[dict]:
             for bug in bugs:
                 args = bug.make_args(jdtype, np.random.default_rng(0))
                 start = time.perf_counter()
-                report = check_grads(bug.function, *args, order=bug.order)
-                results["gradkit"]["time"] += time.perf_counter() - start
-                results["gradkit"]["bugs"] += 1
-                results["gradkit"]["detected"] += report.verdict == "fail"
-                if report.verdict != "fail":
-                    results["gradkit"]["notes"].append(f"missed {bug.name}")
+                found = check_grads(bug.function, *args, order=bug.order).verdict == "fail"
+                _record(results["gradkit"], bug.name, found, "", start)
                 start = time.perf_counter()
                 found, note = _jax_detects(bug.function, args, bug.order)
-                results["jax.test_util.check_grads"]["time"] += time.perf_counter() - start
-                results["jax.test_util.check_grads"]["bugs"] += 1
-                results["jax.test_util.check_grads"]["detected"] += found
-                if not found:
-                    results["jax.test_util.check_grads"]["notes"].append(
-                        f"missed {bug.name}" + (f" ({note})" if note else "")
-                    )
+                _record(results["jax.test_util.check_grads"], bug.name, found, note, start)
                 if bug.name in torch_bugs:
                     function, options = torch_bugs[bug.name]
                     inputs = _torch_inputs(args, dtype)
                     start = time.perf_counter()
                     found, note = _torch_detects(function, inputs, options)
-                    results["torch.autograd.gradcheck"]["time"] += time.perf_counter() - start
-                    results["torch.autograd.gradcheck"]["bugs"] += 1
-                    results["torch.autograd.gradcheck"]["detected"] += found
-                    if not found:
-                        results["torch.autograd.gradcheck"]["notes"].append(
-                            f"missed {bug.name}" + (f" ({note})" if note else "")
-                        )
+                    _record(results["torch.autograd.gradcheck"], bug.name, found, note, start)
             # correct smooth functions
             rng = np.random.default_rng(1)
             inputs = [f.make_args(jdtype, rng)[0] for f in smooth]
