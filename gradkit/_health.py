@@ -407,8 +407,13 @@ def _packed_stats(
     *,
     histogram: bool = True,
     branch: bool = True,
+    grouped: bool = False,
 ) -> tuple[_Layout, _Packed]:
-    """:func:`gradient_stats` as a static layout and three arrays; validates its input."""
+    """:func:`gradient_stats` as a static layout and three arrays; validates its input.
+
+    ``branch`` is :func:`_leaf_stats`'s; ``grouped=True`` computes same-shaped leaves together
+    (:func:`_grouped_rows`).
+    """
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
     param_leaves = (
@@ -423,14 +428,10 @@ def _packed_stats(
     )
     dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
     wide = functools.reduce(jnp.promote_types, dtypes)
-    rows, counts, histograms = [], [], []
-    for i, g in enumerate(grad_leaves):
-        stats, param_norm, update_norm = _leaf_stats(
-            g,
-            None if param_leaves is None else param_leaves[i],
-            None if update_leaves is None else update_leaves[i],
-            branch=branch,
-        )
+
+    def leaf_rows(g, param, update):
+        """The packed row, counts and histogram of one leaf."""
+        stats, param_norm, update_norm = _leaf_stats(g, param, update, branch=branch)
         ratio = None
         if param_norm is not None and update_norm is not None:
             ratio = jnp.where(
@@ -439,19 +440,32 @@ def _packed_stats(
                 jnp.where(update_norm > 0, jnp.inf, 0.0),
             )
         stats = stats._replace(param_norm=param_norm, update_norm=update_norm, update_ratio=ratio)
-        rows.append(
-            jnp.stack(
-                [
-                    jnp.full((), jnp.nan, wide)
-                    if getattr(stats, field) is None
-                    else getattr(stats, field).astype(wide)
-                    for field in _FLOAT_FIELDS
-                ]
-            )
+        row = jnp.stack(
+            [
+                jnp.full((), jnp.nan, wide)
+                if getattr(stats, field) is None
+                else getattr(stats, field).astype(wide)
+                for field in _FLOAT_FIELDS
+            ]
         )
-        counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
-        if histogram:
-            histograms.append(_histogram(g.astype(dtypes[i])))
+        counts = jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS])
+        hist = _histogram(g.astype(_compute_dtype(g.dtype))) if histogram else None
+        return row, counts, hist
+
+    def leaf_inputs(i):
+        return (
+            grad_leaves[i],
+            None if param_leaves is None else jnp.asarray(param_leaves[i]),
+            None if update_leaves is None else jnp.asarray(update_leaves[i]),
+        )
+
+    if not grouped:
+        per_leaf = [leaf_rows(*leaf_inputs(i)) for i in range(len(grad_leaves))]
+        rows, counts, histograms = (list(column) for column in zip(*per_leaf, strict=True))
+        floats, count_array = jnp.stack(rows), jnp.stack(counts)
+        hist_array = jnp.stack(histograms) if histogram else None
+    else:
+        floats, count_array, hist_array = _grouped_rows(leaf_rows, leaf_inputs, len(grad_leaves))
     layout = _Layout(
         treedef=jax.tree_util.tree_structure(grads),
         dtypes=dtypes,
@@ -459,12 +473,52 @@ def _packed_stats(
         with_updates=updates is not None,
         histogram=histogram,
     )
-    packed = _Packed(
-        floats=jnp.stack(rows),
-        counts=jnp.stack(counts),
-        histograms=jnp.stack(histograms) if histogram else None,
+    return layout, _Packed(floats=floats, counts=count_array, histograms=hist_array)
+
+
+#: :func:`health_monitor` computes same-shaped leaves together (:func:`_grouped_rows`) when its
+#: statistics are due at most every this many steps. Measured on a 2-core CPU with 48 leaves of
+#: two shapes: grouping cut the cost of a skipped statistics branch from 720 to 120 us per step
+#: and raised the cost of a computing step from 25 to 36 ms, so it pays from about every 20
+#: steps on.
+GROUPED_MIN_EVERY = 20
+
+
+def _grouped_rows(leaf_rows, leaf_inputs, num_leaves: int):
+    """``leaf_rows`` of every leaf, one vectorised computation per group of same-shaped leaves.
+
+    Leaves whose gradient, parameter and update share shape and dtype are stacked and handled by
+    one :func:`jax.vmap` of ``leaf_rows``, so the program has a fixed number of operations per
+    *group*, not per leaf. Used inside the rarely taken branch of :func:`health_monitor`: XLA's
+    CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even when the
+    branch is skipped (measured: about 0.4 us per operation, some 34 operations per leaf), so a
+    model with many same-shaped layers would otherwise pay for its statistics on every step.
+    Stacking copies the leaves, but only on the steps that compute statistics.
+
+    Returns:
+      The packed ``floats``, ``counts`` and ``histograms`` (or None) in leaf order.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i in range(num_leaves):
+        key = tuple(None if x is None else (x.shape, x.dtype) for x in leaf_inputs(i))
+        groups.setdefault(key, []).append(i)
+    parts, order = [], []
+    for members in groups.values():
+        if len(members) == 1:
+            row, counts, hist = leaf_rows(*leaf_inputs(members[0]))
+            parts.append(jax.tree_util.tree_map(lambda a: a[None], (row, counts, hist)))
+        else:
+            columns = zip(*(leaf_inputs(i) for i in members), strict=True)
+            stacked = [None if column[0] is None else jnp.stack(column) for column in columns]
+            parts.append(jax.vmap(leaf_rows)(*stacked))
+        order.extend(members)
+    # Back to leaf order with one static permutation.
+    position = np.argsort(np.asarray(order))
+    floats, counts, histograms = (
+        None if column[0] is None else jnp.concatenate(column)[position]
+        for column in zip(*parts, strict=True)
     )
-    return layout, packed
+    return floats, counts, histograms
 
 
 def _unpack(layout: _Layout, packed: _Packed) -> PyTree:
@@ -591,6 +645,11 @@ def health_monitor(
     the previous statistics. The choice is made inside the compiled step with :func:`jax.lax.cond`,
     so there is no host synchronisation and nothing to recompile.
 
+    A skipped branch is not free on XLA's CPU runtime (it costs in proportion to the branch's
+    size), so from ``every >= GROUPED_MIN_EVERY`` on the statistics of same-shaped leaves (the
+    layers of a deep stack) are computed as one vectorised group: the branch then grows with the
+    number of distinct leaf shapes, not with the number of leaves.
+
     Without ``inner`` the transformation passes the updates through unchanged (put it first in an
     ``optax.chain`` to see the raw gradients). With ``inner`` it wraps that optimiser: its output
     is the inner optimiser's, and the statistics also hold the update norms and the
@@ -629,6 +688,8 @@ def health_monitor(
             updates if inner is not None else None,
             histogram=histogram,
             branch=branch,
+            # Only the skipped-branch steps gain from grouping; the computing steps pay for it.
+            grouped=not branch and every >= GROUPED_MIN_EVERY,
         )
 
     def init_fn(params):
