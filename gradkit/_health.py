@@ -198,78 +198,12 @@ def combine_norms(norms: jax.Array) -> jax.Array:
     return safe_norm(jnp.asarray(norms))
 
 
-def _moments(x: jax.Array, finite: jax.Array | None, max_abs: jax.Array) -> tuple[jax.Array, ...]:
-    r"""Norm, max magnitude, mean and std of the finite entries of ``x`` (``finite=None``: all).
-
-    The entries are scaled by a power of two near ``max_abs`` (exact), so entries near 1e-20 keep
-    a nonzero square in float32. The standard deviation is taken in a second pass around the
-    mean, :math:`\sqrt{\overline{(x - \bar x)^2}}`, which does not cancel when
-    :math:`|\bar x| \gg \sigma` the way :math:`\overline{x^2} - \bar x^2` does.
-    """
-    scale, inverse = _power_of_two_scale(max_abs)
-    scaled = x * inverse if finite is None else jnp.where(finite, x * inverse, 0)
-    count = x.size if finite is None else jnp.sum(finite, dtype=x.dtype)
-    safe_count = jnp.maximum(count, 1)
-    norm = scale * jnp.sqrt(jnp.sum(jnp.square(scaled)))
-    scaled_mean = jnp.sum(scaled) / safe_count
-    deviation = scaled - scaled_mean
-    if finite is not None:
-        deviation = jnp.where(finite, deviation, 0)
-    std = scale * jnp.sqrt(jnp.sum(jnp.square(deviation)) / safe_count)
-    return norm, max_abs, scale * scaled_mean, std
-
-
 def _histogram(x: jax.Array) -> jax.Array:
     magnitude = jnp.abs(x)
     _, exponent = jnp.frexp(magnitude)
     bins = jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, len(HISTOGRAM_EXPONENTS) - 1)
     counted = ((magnitude > 0) & (magnitude < jnp.inf)).astype(jnp.int32)
     return jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32).at[bins.ravel()].add(counted.ravel())
-
-
-def _exact_leaf_stats(x: jax.Array, branch: bool = True) -> LeafStats:
-    """Statistics of one leaf (already in its compute dtype) that hold for any values.
-
-    Scaled by a power of two before squaring, a second pass for the standard deviation, and
-    masks plus NaN/Inf counts when some entry is not finite. No histogram. ``branch=False``
-    always takes the masked path instead of choosing with a :func:`jax.lax.cond` (for code that
-    is itself inside a rarely taken branch, where a nested cond costs more than it saves).
-    """
-    size = max(x.size, 1)
-    zero_int = jnp.zeros([], jnp.int32)
-
-    def all_finite(x, raw_max):
-        return (*_moments(x, None, raw_max), zero_int, zero_int, zero_int)
-
-    def some_nonfinite(x, raw_max):
-        del raw_max
-        finite = jnp.isfinite(x)
-        max_abs = jnp.max(jnp.where(finite, jnp.abs(x), 0), initial=0)
-        return (
-            *_moments(x, finite, max_abs),
-            jnp.sum(jnp.isnan(x), dtype=jnp.int32),
-            jnp.sum(x == jnp.inf, dtype=jnp.int32),
-            jnp.sum(x == -jnp.inf, dtype=jnp.int32),
-        )
-
-    # max|x| is NaN or Inf exactly when some entry is; the common all-finite case skips the masks.
-    raw_max = jnp.max(jnp.abs(x), initial=0)
-    if branch:
-        values = lax.cond(jnp.isfinite(raw_max), all_finite, some_nonfinite, x, raw_max)
-    else:
-        values = some_nonfinite(x, raw_max)
-    norm, max_abs, mean, std, nan_count, posinf_count, neginf_count = values
-    return LeafStats(
-        norm=norm,
-        max_abs=max_abs,
-        mean=mean,
-        std=std,
-        zero_fraction=jnp.sum(x == 0, dtype=x.dtype) / size,
-        nan_count=nan_count,
-        posinf_count=posinf_count,
-        neginf_count=neginf_count,
-        log2_histogram=None,
-    )
 
 
 #: Leaves with at most this many entries always take the exact path of :func:`gradient_stats`
@@ -338,13 +272,80 @@ def _fast_leaf_stats(
 
     def exact(x, others, other_sums):
         del other_sums
-        return _exact_leaf_stats(x), [safe_norm(leaf).astype(x.dtype) for leaf in others]
+        stats, *other_norms = _exact_leaf_stats(x, *others)
+        return stats, other_norms
 
     stats, other_norms = lax.cond(ok, fast, exact, x, others, other_sums)
     other_norms = iter(other_norms)
     param_norm = next(other_norms) if param is not None else None
     update_norm = next(other_norms) if update is not None else None
     return stats, param_norm, update_norm
+
+
+def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | LeafStats, ...]:
+    r"""Exact statistics of one leaf and the norms of its parameter and update leaves.
+
+    ``x`` is in its compute dtype; ``others`` have its shape. Only finite entries count; they
+    are scaled by a power of two near their maximum before squaring (exact, so entries near
+    1e-20 keep a nonzero square in float32, and entries near 1e30 do not overflow), and the
+    standard deviation is taken in a second pass around the mean,
+    :math:`\sqrt{\overline{(x - \bar x)^2}}`, which does not cancel when
+    :math:`|\bar x| \gg \sigma` the way :math:`\overline{x^2} - \bar x^2` does. No histogram.
+
+    Each pass over the leaf is one reduction of a stack: the finite maxima of :math:`|g|`,
+    :math:`|w|` and :math:`|\Delta w|` together, the four counts together, the scaled sums
+    together, then the deviations. That keeps the operation count low, which matters beyond
+    the time the operations take: XLA's CPU runtime spends time on every operation of a
+    :func:`jax.lax.cond` branch even on the steps that skip it, and this function runs inside
+    such branches (:func:`_fast_leaf_stats`'s fallback, :func:`health_monitor` with
+    ``every > 1``). The norms of ``others`` are computed in the widest of the compute dtypes.
+
+    Returns:
+      ``(stats, *norms)``: a :class:`LeafStats` without histogram, then one norm (in the dtype
+      of ``x``) per leaf of ``others``.
+    """
+    dtype = functools.reduce(
+        jnp.promote_types, [_compute_dtype(jnp.asarray(leaf).dtype) for leaf in others], x.dtype
+    )
+    leaves = [x.astype(dtype), *(jnp.asarray(leaf).astype(dtype) for leaf in others)]
+    finite = [jnp.isfinite(leaf) for leaf in leaves]
+    magnitudes = jnp.stack(
+        [jnp.where(ok, jnp.abs(leaf), 0) for leaf, ok in zip(leaves, finite, strict=True)]
+    )
+    maxima = jnp.max(magnitudes.reshape(len(leaves), -1), axis=1, initial=0)
+    counts = jnp.sum(
+        jnp.stack([jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0]).reshape(4, -1),
+        axis=1,
+        dtype=jnp.int32,
+    )
+    scales, inverses = _power_of_two_scale(maxima)
+    scaled = [
+        jnp.where(ok, leaf * inverse, 0)
+        for leaf, ok, inverse in zip(leaves, finite, inverses, strict=True)
+    ]
+    sums = jnp.sum(
+        jnp.stack([scaled[0], *(jnp.square(v) for v in scaled)]).reshape(len(leaves) + 1, -1),
+        axis=1,
+    )
+    size = x.size
+    count = (size - counts[0] - counts[1] - counts[2]).astype(dtype)
+    safe_count = jnp.maximum(count, 1)
+    scaled_mean = sums[0] / safe_count
+    deviation = jnp.where(finite[0], scaled[0] - scaled_mean, 0)
+    squared_deviation = jnp.sum(jnp.square(deviation))
+    norms = scales * jnp.sqrt(sums[1:])
+    stats = LeafStats(
+        norm=norms[0].astype(x.dtype),
+        max_abs=maxima[0].astype(x.dtype),
+        mean=(scales[0] * scaled_mean).astype(x.dtype),
+        std=(scales[0] * jnp.sqrt(squared_deviation / safe_count)).astype(x.dtype),
+        zero_fraction=(counts[3] / max(size, 1)).astype(x.dtype),
+        nan_count=counts[0],
+        posinf_count=counts[1],
+        neginf_count=counts[2],
+        log2_histogram=None,
+    )
+    return (stats, *(norm.astype(x.dtype) for norm in norms[1:]))
 
 
 def _leaf_stats(
@@ -354,13 +355,20 @@ def _leaf_stats(
     *,
     branch: bool = True,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
+    """Statistics of one leaf, and its parameter and update norms (None where not given).
+
+    ``branch=False`` computes them without a :func:`jax.lax.cond` (for code that is itself
+    inside a rarely taken branch); otherwise large leaves try the one-pass sums first.
+    """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
     if branch and x.size > FAST_PATH_MIN_SIZE:
         return _fast_leaf_stats(x, param, update)
-    param_norm = None if param is None else safe_norm(param).astype(x.dtype)
-    update_norm = None if update is None else safe_norm(update).astype(x.dtype)
-    return _exact_leaf_stats(x, branch), param_norm, update_norm
+    stats, *norms = _exact_leaf_stats(x, *(leaf for leaf in (param, update) if leaf is not None))
+    norms = iter(norms)
+    param_norm = next(norms) if param is not None else None
+    update_norm = next(norms) if update is not None else None
+    return stats, param_norm, update_norm
 
 
 _FLOAT_FIELDS = (

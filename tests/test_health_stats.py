@@ -472,3 +472,16 @@ def _health_leaf(stats, path):
     for key in path:
         stats = stats[key.key]
     return stats
+
+
+def test_exact_statistics_take_four_reductions_with_or_without_norms():
+    # One reduction per pass (maxima, counts, scaled sums, deviations), however many of the
+    # parameter and update norms come along: the exact path runs inside lax.cond branches,
+    # whose every operation costs time on XLA:CPU even when the branch is skipped.
+    def reductions(*leaves):
+        jaxpr = jax.make_jaxpr(_health._exact_leaf_stats)(*leaves).jaxpr
+        return [e.primitive.name for e in jaxpr.eqns if e.primitive.name.startswith("reduce_")]
+
+    g = jnp.ones((6, 5))
+    assert len(reductions(g)) == 4
+    assert len(reductions(g, g, g)) == 4
