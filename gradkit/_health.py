@@ -292,13 +292,13 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     :math:`\sqrt{\overline{(x - \bar x)^2}}`, which does not cancel when
     :math:`|\bar x| \gg \sigma` the way :math:`\overline{x^2} - \bar x^2` does. No histogram.
 
-    Each pass over the leaf is one reduction of a stack: the finite maxima of :math:`|g|`,
-    :math:`|w|` and :math:`|\Delta w|` together, the four counts together, the scaled sums
-    together, then the deviations. That keeps the operation count low, which matters beyond
-    the time the operations take: XLA's CPU runtime spends time on every operation of a
-    :func:`jax.lax.cond` branch even on the steps that skip it, and this function runs inside
-    such branches (:func:`_fast_leaf_stats`'s fallback, :func:`health_monitor` with
-    ``every > 1``). The norms of ``others`` are computed in the widest of the compute dtypes.
+    Four passes: the finite maxima of :math:`|g|`, :math:`|w|` and :math:`|\Delta w|`, the four
+    counts, the scaled sums, then the deviations; for a small leaf each pass is one reduction of
+    a stack. That keeps the operation count low, which matters beyond the time the operations
+    take: XLA's CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even
+    on the steps that skip it, and this function runs inside such branches
+    (:func:`_fast_leaf_stats`'s fallback, :func:`health_monitor` with ``every > 1``). The norms
+    of ``others`` are computed in the widest of the compute dtypes.
 
     Returns:
       ``(stats, *norms)``: a :class:`LeafStats` without histogram, then one norm (in the dtype
@@ -307,26 +307,36 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     dtype = functools.reduce(
         jnp.promote_types, [_compute_dtype(jnp.asarray(leaf).dtype) for leaf in others], x.dtype
     )
-    leaves = [x.astype(dtype), *(jnp.asarray(leaf).astype(dtype) for leaf in others)]
+    x = x.ravel()
+    leaves = [x.astype(dtype), *(jnp.asarray(leaf).astype(dtype).ravel() for leaf in others)]
+    # A small leaf's statistics cost little beyond the number of operations: stack the rows of
+    # each pass and reduce them at once. A large one's cost its passes over memory: reduce each
+    # row on its own rather than writing the stack first.
+    stacked = x.size <= FAST_PATH_MIN_SIZE
+
+    def reduce_rows(reduce, rows, **options):
+        if stacked:
+            return reduce(jnp.stack(rows), axis=1, **options)
+        return jnp.stack([reduce(row, **options) for row in rows])
+
     finite = [jnp.isfinite(leaf) for leaf in leaves]
-    magnitudes = jnp.stack(
-        [jnp.where(ok, jnp.abs(leaf), 0) for leaf, ok in zip(leaves, finite, strict=True)]
+    maxima = reduce_rows(
+        jnp.max,
+        [jnp.where(ok, jnp.abs(leaf), 0) for leaf, ok in zip(leaves, finite, strict=True)],
+        initial=0,
     )
-    maxima = jnp.max(magnitudes.reshape(len(leaves), -1), axis=1, initial=0)
-    counts = jnp.sum(
-        jnp.stack([jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0]).reshape(4, -1),
-        axis=1,
-        dtype=jnp.int32,
-    )
+    # Counts summed in float32 are exact below 2**24 and take one vectorised reduction each
+    # (XLA:CPU sums int32 in several stages).
+    count_dtype = jnp.float32 if x.size < 2**24 else jnp.int32
+    counts = reduce_rows(
+        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0], dtype=count_dtype
+    ).astype(jnp.int32)
     scales, inverses = _power_of_two_scale(maxima)
     scaled = [
         jnp.where(ok, leaf * inverse, 0)
         for leaf, ok, inverse in zip(leaves, finite, inverses, strict=True)
     ]
-    sums = jnp.sum(
-        jnp.stack([scaled[0], *(jnp.square(v) for v in scaled)]).reshape(len(leaves) + 1, -1),
-        axis=1,
-    )
+    sums = reduce_rows(jnp.sum, [scaled[0], *(jnp.square(v) for v in scaled)])
     size = x.size
     count = (size - counts[0] - counts[1] - counts[2]).astype(dtype)
     safe_count = jnp.maximum(count, 1)
@@ -415,12 +425,12 @@ def _packed_stats(
     *,
     histogram: bool = True,
     branch: bool = True,
-    grouped: bool = False,
+    group_max_size: int = 0,
 ) -> tuple[_Layout, _Packed]:
     """:func:`gradient_stats` as a static layout and three arrays; validates its input.
 
-    ``branch`` is :func:`_leaf_stats`'s; ``grouped=True`` computes same-shaped leaves together
-    (:func:`_grouped_rows`).
+    ``branch`` is :func:`_leaf_stats`'s; same-shaped leaves of at most ``group_max_size`` entries
+    are computed together (:func:`_grouped_rows`).
     """
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
@@ -467,13 +477,15 @@ def _packed_stats(
             None if update_leaves is None else jnp.asarray(update_leaves[i]),
         )
 
-    if not grouped:
+    if group_max_size <= 0:
         per_leaf = [leaf_rows(*leaf_inputs(i)) for i in range(len(grad_leaves))]
         rows, counts, histograms = (list(column) for column in zip(*per_leaf, strict=True))
         floats, count_array = jnp.stack(rows), jnp.stack(counts)
         hist_array = jnp.stack(histograms) if histogram else None
     else:
-        floats, count_array, hist_array = _grouped_rows(leaf_rows, leaf_inputs, len(grad_leaves))
+        floats, count_array, hist_array = _grouped_rows(
+            leaf_rows, leaf_inputs, len(grad_leaves), group_max_size
+        )
     layout = _Layout(
         treedef=jax.tree_util.tree_structure(grads),
         dtypes=dtypes,
@@ -484,32 +496,38 @@ def _packed_stats(
     return layout, _Packed(floats=floats, counts=count_array, histograms=hist_array)
 
 
-#: :func:`health_monitor` computes same-shaped leaves together (:func:`_grouped_rows`) when its
-#: statistics are due at most every this many steps. Measured on a 2-core CPU with 48 leaves of
-#: two shapes: grouping cut the cost of a skipped statistics branch from 720 to 120 us per step
-#: and raised the cost of a computing step from 25 to 36 ms, so it pays from about every 20
-#: steps on.
-GROUPED_MIN_EVERY = 20
+#: :func:`health_monitor(every=k) <health_monitor>` computes same-shaped leaves of at most
+#: ``k * GROUPED_ENTRIES_PER_STEP`` entries together (:func:`_grouped_rows`). Grouping saves a
+#: fixed cost per leaf on every skipped step and costs a copy of the leaf on every computing
+#: one, so it pays when the period is long compared with the leaf. Measured on a 2-core CPU
+#: (statistics of gradient, parameter and update): 24 same-shaped pairs of 65,536- and 256-entry
+#: leaves cut the skipped branch from 570 to 128 us and raised a computing step from 28 to 36 ms
+#: (break-even at k = 19, about 3,500 entries per step); 12 pairs of 1,048,576- and 1,024-entry
+#: leaves broke even only at k = 520.
+GROUPED_ENTRIES_PER_STEP = 4096
 
 
-def _grouped_rows(leaf_rows, leaf_inputs, num_leaves: int):
+def _grouped_rows(leaf_rows, leaf_inputs, num_leaves: int, max_size: int):
     """``leaf_rows`` of every leaf, one vectorised computation per group of same-shaped leaves.
 
-    Leaves whose gradient, parameter and update share shape and dtype are stacked and handled by
+    Leaves of at most ``max_size`` entries whose gradient, parameter and update share shape and
+    dtype are stacked and handled by
     one :func:`jax.vmap` of ``leaf_rows``, so the program has a fixed number of operations per
     *group*, not per leaf. Used inside the rarely taken branch of :func:`health_monitor`: XLA's
     CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even when the
-    branch is skipped (measured: about 0.4 us per operation, some 34 operations per leaf), so a
-    model with many same-shaped layers would otherwise pay for its statistics on every step.
-    Stacking copies the leaves, but only on the steps that compute statistics.
+    branch is skipped, so a model with many same-shaped layers would otherwise pay for its
+    statistics on every step. Stacking copies the leaves, but only on the steps that compute
+    statistics.
 
     Returns:
       The packed ``floats``, ``counts`` and ``histograms`` (or None) in leaf order.
     """
     groups: dict[tuple, list[int]] = {}
     for i in range(num_leaves):
-        key = tuple(None if x is None else (x.shape, x.dtype) for x in leaf_inputs(i))
-        groups.setdefault(key, []).append(i)
+        inputs = leaf_inputs(i)
+        key = tuple(None if x is None else (x.shape, x.dtype) for x in inputs)
+        # A leaf too large to copy cheaply is a group of its own.
+        groups.setdefault(key if inputs[0].size <= max_size else i, []).append(i)
     parts, order = [], []
     for members in groups.values():
         if len(members) == 1:
@@ -654,9 +672,9 @@ def health_monitor(
     so there is no host synchronisation and nothing to recompile.
 
     A skipped branch is not free on XLA's CPU runtime (it costs in proportion to the branch's
-    size), so from ``every >= GROUPED_MIN_EVERY`` on the statistics of same-shaped leaves (the
-    layers of a deep stack) are computed as one vectorised group: the branch then grows with the
-    number of distinct leaf shapes, not with the number of leaves.
+    size), so the statistics of same-shaped leaves (the layers of a deep stack) of up to
+    ``every * GROUPED_ENTRIES_PER_STEP`` entries are computed as one vectorised group: the
+    branch then grows with the number of distinct leaf shapes, not with the number of leaves.
 
     Without ``inner`` the transformation passes the updates through unchanged (put it first in an
     ``optax.chain`` to see the raw gradients). With ``inner`` it wraps that optimiser: its output
@@ -697,7 +715,7 @@ def health_monitor(
             histogram=histogram,
             branch=branch,
             # Only the skipped-branch steps gain from grouping; the computing steps pay for it.
-            grouped=not branch and every >= GROUPED_MIN_EVERY,
+            group_max_size=0 if branch else every * GROUPED_ENTRIES_PER_STEP,
         )
 
     def init_fn(params):

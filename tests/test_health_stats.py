@@ -397,30 +397,32 @@ def test_module_doctests_pass():
     assert results.attempted > 0 and results.failed == 0
 
 
-def _layered(seed, layers=6):
+def _layered(seed, layers=6, width=4):
     """Gradients of ``layers`` same-shaped dense layers plus a head, with NaN, Inf and zeros."""
     rng = np.random.default_rng(seed)
     tree = {
         f"layer_{i}": {
-            "kernel": (rng.normal(size=(9, 4)) * 10.0 ** (-3 * i)).astype(np.float32),
-            "bias": rng.normal(size=4).astype(np.float32),
+            "kernel": (rng.normal(size=(9, width)) * 10.0 ** (-3 * i)).astype(np.float32),
+            "bias": rng.normal(size=width).astype(np.float32),
         }
         for i in range(layers)
     }
     tree["layer_1"]["kernel"][2, 3] = np.nan
     tree["layer_2"]["bias"][0] = -np.inf
     tree["layer_3"]["kernel"][:] = 0.0
-    tree["head"] = rng.normal(size=(4, 3)).astype(np.float32)
+    tree["head"] = rng.normal(size=(width, 3)).astype(np.float32)
     return tree
 
 
 def test_grouped_statistics_equal_the_per_leaf_ones():
     grads, params, updates = _layered(0), _layered(1), _layered(2)
 
-    def packed(grouped):
-        return _health._packed_stats(grads, params, updates, branch=False, grouped=grouped)[1]
+    def packed(group_max_size):
+        return _health._packed_stats(
+            grads, params, updates, branch=False, group_max_size=group_max_size
+        )[1]
 
-    grouped, per_leaf = jax.jit(lambda: packed(True))(), jax.jit(lambda: packed(False))()
+    grouped, per_leaf = jax.jit(lambda: packed(10**6))(), jax.jit(lambda: packed(0))()
     np.testing.assert_array_equal(grouped.counts, per_leaf.counts)
     np.testing.assert_array_equal(grouped.histograms, per_leaf.histograms)
     # The same formulas; a batched reduction may add in another order (a float32 ulp or two).
@@ -434,27 +436,28 @@ def test_grouped_statistics_equal_the_per_leaf_ones():
 def test_monitor_branch_does_not_grow_with_same_shaped_layers():
     # XLA's CPU runtime spends time on each operation of a skipped cond branch, so the branch
     # of health_monitor(every=k) for large k holds a fixed number of operations per leaf shape.
-    def equations(layers, every):
-        grads = _layered(0, layers)
+    def equations(layers, every, width):
+        grads = _layered(0, layers, width)
         tx = health_monitor(every=every, inner=optax.sgd(0.1))
         state = tx.init(grads)
         jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, g))(grads, state).jaxpr
         (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
         return sum(len(branch.jaxpr.eqns) for branch in cond.params["branches"])
 
-    def growth_per_leaf(every):  # 12 more layers: 24 more leaves of the same two shapes
-        return (equations(16, every) - equations(4, every)) / 24
+    def growth_per_leaf(every, width=4):  # 12 more layers: 24 more leaves of two shapes
+        return (equations(16, every, width) - equations(4, every, width)) / 24
 
     # Grouped, a leaf adds only its share of the stacking (fused into one copy by XLA) ...
-    assert growth_per_leaf(_health.GROUPED_MIN_EVERY) <= 2
-    # ... where below the threshold every leaf keeps its own statistics (cheaper when the
-    # branch is often taken).
-    assert growth_per_leaf(_health.GROUPED_MIN_EVERY - 1) >= 20
+    assert growth_per_leaf(100) <= 2
+    # ... unless copying it costs more than grouping saves over the period: a 9 x 1000 kernel
+    # is larger than every * GROUPED_ENTRIES_PER_STEP entries for every=2.
+    assert 9 * 1000 > 2 * _health.GROUPED_ENTRIES_PER_STEP
+    assert growth_per_leaf(2, width=1000) >= 10
 
 
 def test_monitor_with_grouping_matches_gradient_stats():
     grads, params = _layered(3), _layered(4)
-    tx = health_monitor(every=_health.GROUPED_MIN_EVERY, inner=optax.sgd(0.5))
+    tx = health_monitor(every=100, inner=optax.sgd(0.5))
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     expected = gradient_stats(grads, params, updates)
     for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]:
@@ -475,9 +478,9 @@ def _health_leaf(stats, path):
 
 
 def test_exact_statistics_take_four_reductions_with_or_without_norms():
-    # One reduction per pass (maxima, counts, scaled sums, deviations), however many of the
-    # parameter and update norms come along: the exact path runs inside lax.cond branches,
-    # whose every operation costs time on XLA:CPU even when the branch is skipped.
+    # For a small leaf, one reduction per pass (maxima, counts, scaled sums, deviations),
+    # however many of the parameter and update norms come along: the exact path runs inside
+    # lax.cond branches, whose every operation costs time on XLA:CPU even when skipped.
     def reductions(*leaves):
         jaxpr = jax.make_jaxpr(_health._exact_leaf_stats)(*leaves).jaxpr
         return [e.primitive.name for e in jaxpr.eqns if e.primitive.name.startswith("reduce_")]
