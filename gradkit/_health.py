@@ -425,13 +425,8 @@ def _packed_stats(
     *,
     histogram: bool = True,
     branch: bool = True,
-    group_max_size: int = 0,
 ) -> tuple[_Layout, _Packed]:
-    """:func:`gradient_stats` as a static layout and three arrays; validates its input.
-
-    ``branch`` is :func:`_leaf_stats`'s; same-shaped leaves of at most ``group_max_size`` entries
-    are computed together (:func:`_grouped_rows`).
-    """
+    """:func:`gradient_stats` as a static layout and three arrays; validates its input."""
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
     param_leaves = (
@@ -446,10 +441,14 @@ def _packed_stats(
     )
     dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
     wide = functools.reduce(jnp.promote_types, dtypes)
-
-    def leaf_rows(g, param, update):
-        """The packed row, counts and histogram of one leaf."""
-        stats, param_norm, update_norm = _leaf_stats(g, param, update, branch=branch)
+    rows, counts, histograms = [], [], []
+    for i, g in enumerate(grad_leaves):
+        stats, param_norm, update_norm = _leaf_stats(
+            g,
+            None if param_leaves is None else param_leaves[i],
+            None if update_leaves is None else update_leaves[i],
+            branch=branch,
+        )
         ratio = None
         if param_norm is not None and update_norm is not None:
             ratio = jnp.where(
@@ -458,34 +457,19 @@ def _packed_stats(
                 jnp.where(update_norm > 0, jnp.inf, 0.0),
             )
         stats = stats._replace(param_norm=param_norm, update_norm=update_norm, update_ratio=ratio)
-        row = jnp.stack(
-            [
-                jnp.full((), jnp.nan, wide)
-                if getattr(stats, field) is None
-                else getattr(stats, field).astype(wide)
-                for field in _FLOAT_FIELDS
-            ]
+        rows.append(
+            jnp.stack(
+                [
+                    jnp.full((), jnp.nan, wide)
+                    if getattr(stats, field) is None
+                    else getattr(stats, field).astype(wide)
+                    for field in _FLOAT_FIELDS
+                ]
+            )
         )
-        counts = jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS])
-        hist = _histogram(g.astype(_compute_dtype(g.dtype))) if histogram else None
-        return row, counts, hist
-
-    def leaf_inputs(i):
-        return (
-            grad_leaves[i],
-            None if param_leaves is None else jnp.asarray(param_leaves[i]),
-            None if update_leaves is None else jnp.asarray(update_leaves[i]),
-        )
-
-    if group_max_size <= 0:
-        per_leaf = [leaf_rows(*leaf_inputs(i)) for i in range(len(grad_leaves))]
-        rows, counts, histograms = (list(column) for column in zip(*per_leaf, strict=True))
-        floats, count_array = jnp.stack(rows), jnp.stack(counts)
-        hist_array = jnp.stack(histograms) if histogram else None
-    else:
-        floats, count_array, hist_array = _grouped_rows(
-            leaf_rows, leaf_inputs, len(grad_leaves), group_max_size
-        )
+        counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
+        if histogram:
+            histograms.append(_histogram(g.astype(dtypes[i])))
     layout = _Layout(
         treedef=jax.tree_util.tree_structure(grads),
         dtypes=dtypes,
@@ -493,58 +477,12 @@ def _packed_stats(
         with_updates=updates is not None,
         histogram=histogram,
     )
-    return layout, _Packed(floats=floats, counts=count_array, histograms=hist_array)
-
-
-#: :func:`health_monitor(every=k) <health_monitor>` computes same-shaped leaves of at most
-#: ``k * GROUPED_ENTRIES_PER_STEP`` entries together (:func:`_grouped_rows`). Grouping saves a
-#: fixed cost per leaf on every skipped step and costs a copy of the leaf on every computing
-#: one, so it pays when the period is long compared with the leaf. Measured on a 2-core CPU
-#: (statistics of gradient, parameter and update): 24 same-shaped pairs of 65,536- and 256-entry
-#: leaves cut the skipped branch from 570 to 128 us and raised a computing step from 28 to 36 ms
-#: (break-even at k = 19, about 3,500 entries per step); 12 pairs of 1,048,576- and 1,024-entry
-#: leaves broke even only at k = 520.
-GROUPED_ENTRIES_PER_STEP = 4096
-
-
-def _grouped_rows(leaf_rows, leaf_inputs, num_leaves: int, max_size: int):
-    """``leaf_rows`` of every leaf, one vectorised computation per group of same-shaped leaves.
-
-    Leaves of at most ``max_size`` entries whose gradient, parameter and update share shape and
-    dtype are stacked and handled by
-    one :func:`jax.vmap` of ``leaf_rows``, so the program has a fixed number of operations per
-    *group*, not per leaf. Used inside the rarely taken branch of :func:`health_monitor`: XLA's
-    CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even when the
-    branch is skipped, so a model with many same-shaped layers would otherwise pay for its
-    statistics on every step. Stacking copies the leaves, but only on the steps that compute
-    statistics.
-
-    Returns:
-      The packed ``floats``, ``counts`` and ``histograms`` (or None) in leaf order.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i in range(num_leaves):
-        inputs = leaf_inputs(i)
-        key = tuple(None if x is None else (x.shape, x.dtype) for x in inputs)
-        # A leaf too large to copy cheaply is a group of its own.
-        groups.setdefault(key if inputs[0].size <= max_size else i, []).append(i)
-    parts, order = [], []
-    for members in groups.values():
-        if len(members) == 1:
-            row, counts, hist = leaf_rows(*leaf_inputs(members[0]))
-            parts.append(jax.tree_util.tree_map(lambda a: a[None], (row, counts, hist)))
-        else:
-            columns = zip(*(leaf_inputs(i) for i in members), strict=True)
-            stacked = [None if column[0] is None else jnp.stack(column) for column in columns]
-            parts.append(jax.vmap(leaf_rows)(*stacked))
-        order.extend(members)
-    # Back to leaf order with one static permutation.
-    position = np.argsort(np.asarray(order))
-    floats, counts, histograms = (
-        None if column[0] is None else jnp.concatenate(column)[position]
-        for column in zip(*parts, strict=True)
+    packed = _Packed(
+        floats=jnp.stack(rows),
+        counts=jnp.stack(counts),
+        histograms=jnp.stack(histograms) if histogram else None,
     )
-    return floats, counts, histograms
+    return layout, packed
 
 
 def _unpack(layout: _Layout, packed: _Packed) -> PyTree:
@@ -671,11 +609,6 @@ def health_monitor(
     the previous statistics. The choice is made inside the compiled step with :func:`jax.lax.cond`,
     so there is no host synchronisation and nothing to recompile.
 
-    A skipped branch is not free on XLA's CPU runtime (it costs in proportion to the branch's
-    size), so the statistics of same-shaped leaves (the layers of a deep stack) of up to
-    ``every * GROUPED_ENTRIES_PER_STEP`` entries are computed as one vectorised group: the
-    branch then grows with the number of distinct leaf shapes, not with the number of leaves.
-
     Without ``inner`` the transformation passes the updates through unchanged (put it first in an
     ``optax.chain`` to see the raw gradients). With ``inner`` it wraps that optimiser: its output
     is the inner optimiser's, and the statistics also hold the update norms and the
@@ -714,8 +647,6 @@ def health_monitor(
             updates if inner is not None else None,
             histogram=histogram,
             branch=branch,
-            # Only the skipped-branch steps gain from grouping; the computing steps pay for it.
-            group_max_size=0 if branch else every * GROUPED_ENTRIES_PER_STEP,
         )
 
     def init_fn(params):
