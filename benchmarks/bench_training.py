@@ -31,6 +31,8 @@ one per run for a fixed batch shape.
 
 Run:  python benchmarks/bench_training.py            (full: 500 steps, 5 repeats)
       python benchmarks/bench_training.py --quick    (smoke run, seconds)
+      python benchmarks/bench_training.py --sizes 256,...  (other layer sizes: the README uses
+                                                      thirteen 256s then 10, a deep MLP)
 """
 
 from __future__ import annotations
@@ -87,17 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(size) for size in text.split(",")],
+        default=SIZES,
+        help="layer sizes of the MLP, comma-separated (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    sizes = args.sizes
     if args.quick:
         args.steps, args.warmup, args.repeats = 30, 5, 1
 
-    model = MLP(SIZES, "relu")
+    model = MLP(sizes, "relu")
     params = model.init(jax.random.key(0))
     optimizer = optax.adam(1e-3)
     rng = np.random.default_rng(0)
     examples = BATCH * 50
-    x = rng.normal(size=(examples, SIZES[0])).astype(np.float32)
-    y = rng.integers(0, SIZES[-1], size=examples).astype(np.int32)
+    x = rng.normal(size=(examples, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], size=examples).astype(np.int32)
     device_batches = [
         (jnp.asarray(x[i : i + BATCH]), jnp.asarray(y[i : i + BATCH]))
         for i in range(0, examples, BATCH)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     print(
-        f"gradkit training benchmark: MLP {SIZES}, batch {BATCH}, float32, Adam, "
+        f"gradkit training benchmark: MLP {sizes}, batch {BATCH}, float32, Adam, "
         f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeat(s)"
     )
     print(
