@@ -297,7 +297,8 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     a stack. That keeps the operation count low, which matters beyond the time the operations
     take: XLA's CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even
     on the steps that skip it, and this function runs inside such branches
-    (:func:`_fast_leaf_stats`'s fallback, :func:`health_monitor` with ``every > 1``). The norms
+    (:func:`_fast_leaf_stats`' fallback; :func:`health_monitor` with ``every > 1`` uses
+    :func:`_flat_group_stats`, the same passes over all leaves at once). The norms
     of ``others`` are computed in the widest of the compute dtypes.
 
     Returns:
@@ -362,17 +363,14 @@ def _leaf_stats(
     g: jax.Array,
     param: jax.Array | None = None,
     update: jax.Array | None = None,
-    *,
-    branch: bool = True,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     """Statistics of one leaf, and its parameter and update norms (None where not given).
 
-    ``branch=False`` computes them without a :func:`jax.lax.cond` (for code that is itself
-    inside a rarely taken branch); otherwise large leaves try the one-pass sums first.
+    Large leaves try the one-pass sums first (:func:`_fast_leaf_stats`).
     """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
-    if branch and x.size > FAST_PATH_MIN_SIZE:
+    if x.size > FAST_PATH_MIN_SIZE:
         return _fast_leaf_stats(x, param, update)
     stats, *norms = _exact_leaf_stats(x, *(leaf for leaf in (param, update) if leaf is not None))
     norms = iter(norms)
@@ -418,6 +416,200 @@ class _Packed(NamedTuple):
     histograms: jax.Array | None
 
 
+#: Row lengths :func:`_flat_stats` may lay leaves out in, longest first.
+_FLAT_ROW_LENGTHS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
+
+
+def _flat_row_length(sizes: list[int]) -> int:
+    """The longest row length whose padding adds at most a quarter (plus one row) to ``sizes``."""
+    total = sum(sizes)
+    for length in _FLAT_ROW_LENGTHS:
+        padded = sum(-(-size // length) * length for size in sizes)
+        if padded <= total + total // 4 + length:
+            return length
+    return _FLAT_ROW_LENGTHS[-1]
+
+
+def _flat_group_stats(
+    grads: list[jax.Array], others: list[list[jax.Array]], dtype: np.dtype, histogram: bool
+) -> tuple[jax.Array, jax.Array, list[jax.Array], jax.Array | None]:
+    r"""Exact statistics of leaves of one compute dtype, all leaves at once.
+
+    The leaves are padded to whole rows of a common length and stacked into one ``(rows,
+    length)`` array per argument; each pass of :func:`_exact_leaf_stats` (finite maxima, counts,
+    power-of-two-scaled sums, deviations from the mean) is then one reduction along the rows,
+    and a segment sum (or maximum) over each leaf's rows gives the per-leaf values. So the
+    number of operations does not grow with the number of leaves, which is what a
+    :func:`jax.lax.cond` branch costs on XLA:CPU on the steps that skip it.
+
+    Returns:
+      ``(floats, counts, norms, histograms)``: ``floats`` is ``(leaves, 5)`` (norm, max_abs,
+      mean, std, zero_fraction), ``counts`` ``(leaves, 3)`` int32 (NaN, +Inf, -Inf), ``norms``
+      one ``(leaves,)`` array per list of ``others``, ``histograms`` ``(leaves, bins)`` int32
+      or ``None``.
+    """
+    n = len(grads)
+    sizes = [int(np.size(g)) for g in grads]
+    length = _flat_row_length(sizes)
+    rows = [-(-size // length) for size in sizes]
+    total_rows = sum(rows)
+    # Static layout: the leaf of each row and how many of its entries are real (not padding).
+    row_leaf = np.repeat(np.arange(n, dtype=np.int32), rows)
+    row_valid = np.concatenate(
+        [
+            np.minimum(length, size - length * np.arange(r))
+            for size, r in zip(sizes, rows, strict=True)
+        ]
+        + [np.zeros(0, np.int64)]
+    ).astype(np.int32)
+
+    def stacked(leaves):
+        # Written into a zero buffer one leaf at a time: XLA:CPU updates the buffer in place at
+        # the speed of a copy, where a concatenate of this many entries is several times slower.
+        flat = jnp.zeros(total_rows * length, dtype)
+        offset = 0
+        for leaf, r in zip(leaves, rows, strict=True):
+            flat = lax.dynamic_update_slice(flat, jnp.ravel(leaf).astype(dtype), (offset,))
+            offset += r * length
+        return flat.reshape(total_rows, length)
+
+    def per_leaf_sum(values):
+        return jax.ops.segment_sum(values, row_leaf, num_segments=n, indices_are_sorted=True)
+
+    arrays = [stacked(grads), *(stacked(leaves) for leaves in others)]
+    g = arrays[0]
+    valid = lax.broadcasted_iota(jnp.int32, g.shape, 1) < row_valid[:, None]
+    finite = [valid & jnp.isfinite(a) for a in arrays]
+    row_maxima = jnp.stack(
+        [
+            jnp.max(jnp.where(ok, jnp.abs(a), 0), axis=1)
+            for a, ok in zip(arrays, finite, strict=True)
+        ],
+        axis=1,
+    )
+    # Magnitudes are >= 0, so 0 is the maximum of a leaf without finite entries (or rows).
+    maxima = jnp.maximum(
+        jax.ops.segment_max(row_maxima, row_leaf, num_segments=n, indices_are_sorted=True), 0
+    )
+    # A row has at most 4096 entries: its counts are exact in float32, their sums in int32.
+    row_counts = jnp.stack(
+        [
+            jnp.sum(c, axis=1, dtype=jnp.float32)
+            for c in (jnp.isnan(g), g == jnp.inf, g == -jnp.inf, valid & (g == 0))
+        ],
+        axis=1,
+    )
+    counts = per_leaf_sum(row_counts.astype(jnp.int32))
+    scales, inverses = _power_of_two_scale(maxima)
+    row_inverses = inverses[row_leaf]
+    scaled = [
+        jnp.where(ok, a * row_inverses[:, i, None], 0)
+        for i, (a, ok) in enumerate(zip(arrays, finite, strict=True))
+    ]
+    sums = per_leaf_sum(
+        jnp.stack(
+            [jnp.sum(scaled[0], axis=1), *(jnp.sum(jnp.square(v), axis=1) for v in scaled)],
+            axis=1,
+        )
+    )
+    size = np.asarray(sizes, np.int32)
+    count = (size - counts[:, 0] - counts[:, 1] - counts[:, 2]).astype(dtype)
+    safe_count = jnp.maximum(count, 1)
+    scaled_mean = sums[:, 0] / safe_count
+    deviation = jnp.where(finite[0], scaled[0] - scaled_mean[row_leaf][:, None], 0)
+    squared_deviation = per_leaf_sum(jnp.sum(jnp.square(deviation), axis=1))
+    norms = scales * jnp.sqrt(sums[:, 1:])
+    floats = jnp.stack(
+        [
+            norms[:, 0],
+            maxima[:, 0],
+            scales[:, 0] * scaled_mean,
+            scales[:, 0] * jnp.sqrt(squared_deviation / safe_count),
+            counts[:, 3] / np.maximum(size, 1),
+        ],
+        axis=1,
+    )
+    histograms = None
+    if histogram:
+        bins = len(HISTOGRAM_EXPONENTS)
+        magnitude = jnp.abs(g)
+        _, exponent = jnp.frexp(magnitude)
+        index = (
+            jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, bins - 1) + (row_leaf * bins)[:, None]
+        )
+        counted = (valid & (magnitude > 0) & (magnitude < jnp.inf)).astype(jnp.int32)
+        histograms = (
+            jnp.zeros(n * bins, jnp.int32).at[index.ravel()].add(counted.ravel()).reshape(n, bins)
+        )
+    return floats, counts[:, :3], [norms[:, i + 1] for i in range(len(others))], histograms
+
+
+def _flat_packed_stats(
+    grads: list[jax.Array],
+    params: list[jax.Array] | None,
+    updates: list[jax.Array] | None,
+    *,
+    histogram: bool,
+    wide: np.dtype,
+) -> _Packed:
+    """The packed statistics of all leaves from :func:`_flat_group_stats`, one group per dtype."""
+    dtypes = [np.dtype(_compute_dtype(g.dtype)) for g in grads]
+    keys = []
+    for i in range(len(grads)):
+        dtype = dtypes[i]
+        for leaves in (params, updates):
+            if leaves is not None:
+                dtype = jnp.promote_types(dtype, _compute_dtype(jnp.asarray(leaves[i]).dtype))
+        keys.append(np.dtype(dtype))
+    floats, counts, histograms, order = [], [], [], []
+    for dtype in dict.fromkeys(keys):
+        members = [i for i, key in enumerate(keys) if key == dtype]
+        order.extend(members)
+        others = [
+            [leaves[i] for i in members] for leaves in (params, updates) if leaves is not None
+        ]
+        group_floats, group_counts, norms, group_histograms = _flat_group_stats(
+            [grads[i] for i in members], others, dtype, histogram
+        )
+        norms = iter(norms)
+        param_norm = next(norms) if params is not None else None
+        update_norm = next(norms) if updates is not None else None
+        ratio = None
+        if param_norm is not None and update_norm is not None:
+            ratio = jnp.where(
+                param_norm > 0,
+                update_norm / jnp.where(param_norm > 0, param_norm, 1),
+                jnp.where(update_norm > 0, jnp.inf, 0.0),
+            )
+        nan = jnp.full(len(members), jnp.nan, dtype)
+        columns = [group_floats] + [
+            (nan if value is None else value)[:, None] for value in (param_norm, update_norm, ratio)
+        ]
+        # Each leaf's values are rounded to its own compute dtype, as gradient_stats' are.
+        group_floats = jnp.concatenate(columns, axis=1)
+        leaf_dtypes = {dtypes[i] for i in members}
+        if leaf_dtypes != {np.dtype(dtype)}:
+            rounded = {d: group_floats.astype(d).astype(dtype) for d in leaf_dtypes}
+            for d, values in rounded.items():
+                pick = np.array([dtypes[i] == d for i in members])
+                group_floats = jnp.where(pick[:, None], values, group_floats)
+        floats.append(group_floats.astype(wide))
+        counts.append(group_counts)
+        histograms.append(group_histograms)
+    inverse = np.argsort(order)
+    identity = bool(np.all(inverse == np.arange(len(order))))
+
+    def ordered(parts):
+        joined = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return joined if identity else joined[inverse]
+
+    return _Packed(
+        floats=ordered(floats),
+        counts=ordered(counts),
+        histograms=ordered(histograms) if histogram else None,
+    )
+
+
 def _packed_stats(
     grads: PyTree,
     params: PyTree | None = None,
@@ -426,7 +618,14 @@ def _packed_stats(
     histogram: bool = True,
     branch: bool = True,
 ) -> tuple[_Layout, _Packed]:
-    """:func:`gradient_stats` as a static layout and three arrays; validates its input."""
+    """:func:`gradient_stats` as a static layout and three arrays; validates its input.
+
+    ``branch=True`` (what :func:`gradient_stats` and ``health_monitor(every=1)`` use) works leaf
+    by leaf, large leaves by one-pass sums unless a cond finds them inaccurate. ``branch=False``
+    is for code inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``):
+    no nested cond, and all leaves reduced together (:func:`_flat_packed_stats`), since every
+    operation in a branch costs time on the steps that skip it.
+    """
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
     param_leaves = (
@@ -441,13 +640,24 @@ def _packed_stats(
     )
     dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
     wide = functools.reduce(jnp.promote_types, dtypes)
+    layout = _Layout(
+        treedef=jax.tree_util.tree_structure(grads),
+        dtypes=dtypes,
+        with_params=params is not None,
+        with_updates=updates is not None,
+        histogram=histogram,
+    )
+    if not branch:
+        flat = _flat_packed_stats(
+            grad_leaves, param_leaves, update_leaves, histogram=histogram, wide=wide
+        )
+        return layout, flat
     rows, counts, histograms = [], [], []
     for i, g in enumerate(grad_leaves):
         stats, param_norm, update_norm = _leaf_stats(
             g,
             None if param_leaves is None else param_leaves[i],
             None if update_leaves is None else update_leaves[i],
-            branch=branch,
         )
         ratio = None
         if param_norm is not None and update_norm is not None:
@@ -470,13 +680,6 @@ def _packed_stats(
         counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
         if histogram:
             histograms.append(_histogram(g.astype(dtypes[i])))
-    layout = _Layout(
-        treedef=jax.tree_util.tree_structure(grads),
-        dtypes=dtypes,
-        with_params=params is not None,
-        with_updates=updates is not None,
-        histogram=histogram,
-    )
     packed = _Packed(
         floats=jnp.stack(rows),
         counts=jnp.stack(counts),
@@ -671,10 +874,11 @@ def health_monitor(
 
     def update_fn(updates, state, params=None):
         grads = updates
-        if inner is not None:
-            new_updates, inner_state = inner.update(grads, state.inner_state, params)
-        else:
-            new_updates, inner_state = updates, state.inner_state
+
+        def inner_update(grads, inner_state, params):
+            if inner is None:
+                return grads, inner_state
+            return inner.update(grads, inner_state, params)
 
         def compute(applied, branch):
             if params is not None:
@@ -694,15 +898,22 @@ def health_monitor(
             # have to be materialised, which keeps XLA from fusing the inner optimiser's
             # arithmetic into the parameter update on the steps that are not monitored. Inside
             # this rarely taken branch the statistics take their cond-free exact path.
-            if inner is None:
-                return compute(grads, branch=False)
-            return compute(inner.update(grads, state.inner_state, params)[0], branch=False)
+            return compute(inner_update(grads, state.inner_state, params)[0], branch=False)
 
         due = state.count % every == 0
         if every == 1:
+            new_updates, inner_state = inner_update(grads, state.inner_state, params)
             packed = compute(new_updates, branch=True)
         else:
             packed = lax.cond(due, compute_from_inputs, lambda: state.packed)
+            # The optimiser's update reads its inputs through this barrier, so it runs after the
+            # cond: the cond then reads the gradients, parameters and optimiser state while the
+            # update needs them anyway, instead of keeping them alive after it (which costs a
+            # the benchmark MLP's training step 1 to 3% on XLA:CPU).
+            grads, params, inner_state, packed = lax.optimization_barrier(
+                (grads, params, state.inner_state, packed)
+            )
+            new_updates, inner_state = inner_update(grads, inner_state, params)
         stats_step = jnp.where(due, state.count, state.stats_step)
         new_state = HealthMonitorState(
             count=state.count + 1,

@@ -1,5 +1,7 @@
 """gradient_stats, health_monitor and log_health against NumPy references."""
 
+import collections
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -451,3 +453,141 @@ def test_exact_statistics_take_four_reductions_with_or_without_norms():
     g = jnp.ones((6, 5))
     assert len(reductions(g)) == 4
     assert len(reductions(g, g, g)) == 4
+
+
+def _branch_stats(grads, params=None, updates=None, histogram=True):
+    """The statistics health_monitor computes inside its every-k branch (all leaves at once)."""
+    layouts = []
+
+    def packed(grads, params, updates):
+        layout, result = _health._packed_stats(
+            grads, params, updates, histogram=histogram, branch=False
+        )
+        layouts.append(layout)
+        return result
+
+    result = jax.jit(packed)(grads, params, updates)
+    return _health._unpack(layouts[0], result)
+
+
+def _assert_same_stats(got, want, rtol=1e-5):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_leaf_stats)[0]:
+        other = _health_leaf(got, path)
+        for field in ("nan_count", "posinf_count", "neginf_count", "log2_histogram"):
+            np.testing.assert_array_equal(getattr(other, field), getattr(leaf, field))
+        for field in _health._FLOAT_FIELDS:
+            if getattr(leaf, field) is None:
+                assert getattr(other, field) is None, (path, field)
+                continue
+            assert getattr(other, field).dtype == getattr(leaf, field).dtype, (path, field)
+            np.testing.assert_allclose(
+                np.asarray(getattr(other, field), np.float64),
+                np.asarray(getattr(leaf, field), np.float64),
+                rtol=rtol,
+                atol=0,
+                err_msg=f"{path} {field}",
+            )
+
+
+def _is_leaf_stats(node):
+    return isinstance(node, _health.LeafStats)
+
+
+def _mixed_tree(seed):
+    """Leaves of every kind the flat layout must keep apart: large and small, tiny and huge
+    magnitudes, non-finite entries, zeros, an empty leaf, a scalar and bfloat16 gradients."""
+    rng = np.random.default_rng(seed)
+    nonfinite = _large(seed + 1)
+    nonfinite[3, 4], nonfinite[10, 0], nonfinite[50, 60] = np.nan, np.inf, -np.inf
+    return {
+        "large": _large(seed),
+        "offset": _large(seed + 2, scale=1e-3, offset=1.0),
+        "tiny": (rng.normal(size=(5000,)) * 1e-20).astype(np.float32),
+        "huge": (rng.normal(size=(3, 7)) * 1e30).astype(np.float32),
+        "nonfinite": nonfinite,
+        "zeros": np.zeros((4, 4), np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "scalar": np.float32(-2.5),
+        "bias": rng.normal(size=(13,)).astype(np.float32),
+        "half": jnp.asarray(rng.normal(size=(6, 6)), jnp.bfloat16),
+    }
+
+
+def test_branch_statistics_of_all_leaves_at_once_match_per_leaf_statistics():
+    # The branch lays every leaf out in rows of one array and reduces them together; leaf by
+    # leaf, the values must be gradient_stats' (NaN/Inf counts, histograms and empty leaves
+    # included), with and without params and updates, with and without histograms.
+    grads, params, updates = _mixed_tree(20), _mixed_tree(30), _mixed_tree(40)
+    updates["tiny"] = updates["tiny"] * np.float32(1e-15)
+    for args in [(grads,), (grads, params), (grads, params, updates), (grads, None, updates)]:
+        want = jax.jit(gradient_stats)(*args)
+        _assert_same_stats(_branch_stats(*args), want)
+    plain = _branch_stats(grads, histogram=False)
+    assert all(
+        leaf.log2_histogram is None
+        for leaf in jax.tree_util.tree_leaves(plain, is_leaf=_is_leaf_stats)
+    )
+    _check_against_reference(_branch_stats(grads)["nonfinite"], grads["nonfinite"], rtol=1e-5)
+    _check_against_reference(_branch_stats(grads)["tiny"], grads["tiny"], rtol=1e-5)
+
+
+def test_branch_statistics_with_leaves_of_several_dtypes():
+    # Leaves are grouped by compute dtype; each value is rounded to its leaf's dtype and the
+    # statistics come back in the leaves' order.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(50)
+        grads = {
+            "a": rng.normal(size=(30, 7)).astype(np.float32),
+            "b": rng.normal(size=(9,)) * 1e-200,
+            "c": rng.normal(size=(5, 5)).astype(np.float32),
+            "d": rng.normal(size=(4,)),
+        }
+        params = {key: np.ones_like(value) for key, value in grads.items()}
+        params["c"] = params["c"].astype(np.float64)  # a float32 gradient of a float64 param
+        want = jax.jit(gradient_stats)(grads, params)
+        got = _branch_stats(grads, params)
+        _assert_same_stats(got, want)
+        assert float(got["b"].norm) > 0  # 1e-200 survives in float64
+
+
+def test_branch_operations_do_not_grow_with_the_number_of_leaves():
+    # A skipped lax.cond branch costs time on XLA:CPU in proportion to what it holds, so the
+    # every-k branch reduces all leaves together: ten times the layers, the same reductions and
+    # arithmetic; only the copies of each leaf into the stacked rows (a flattening reshape and
+    # an in-place update per leaf and argument) grow with the leaves.
+    def operations(layers):
+        tree = {
+            f"layer_{i}": {"kernel": jnp.ones((300, 20)), "bias": jnp.ones(20)}
+            for i in range(layers)
+        }
+
+        def branch(grads, params):
+            return _health._packed_stats(grads, params, grads, branch=False)[1]
+
+        jaxpr = jax.make_jaxpr(branch)(tree, tree).jaxpr
+        return collections.Counter(e.primitive.name for e in jaxpr.eqns)
+
+    few, many = operations(2), operations(20)
+    copies = ("reshape", "dynamic_update_slice")
+    assert many["dynamic_update_slice"] == 3 * 2 * 20  # grads, params, updates; two leaves each
+    assert few["reduce_sum"] + few["reduce_max"] > 0
+    assert {k: v for k, v in few.items() if k not in copies} == {
+        k: v for k, v in many.items() if k not in copies
+    }
+
+
+def test_monitor_branch_runs_before_the_optimizer_update():
+    # With every > 1 the inner optimiser reads its inputs through an optimisation barrier
+    # placed after the statistics' cond, so the cond does not keep the gradients alive after
+    # the update (which slows every training step on XLA:CPU, monitored or not).
+    params = {"w": jnp.ones(4), "b": jnp.ones(2)}
+    tx = health_monitor(every=5, inner=optax.adam(1e-3))
+    closed = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+    eqns = closed.jaxpr.eqns
+    names = [e.primitive.name for e in eqns]
+    cond, barrier = names.index("cond"), names.index("optimization_barrier")
+    assert cond < barrier
+    assert set(eqns[cond].outvars) <= set(eqns[barrier].invars)
+    grads = closed.jaxpr.invars[:2]
+    later = [v for e in eqns[barrier + 1 :] for v in e.invars]
+    assert not any(v is g for v in later for g in grads)
