@@ -18,7 +18,10 @@ A second table measures gradient-health monitoring (issue: its cost must stay sm
 the hand-written loop with its optimizer wrapped in ``gradkit.diagnostics.health_monitor(every=1)``
 (with and without the log2-magnitude histograms, the most expensive statistic on a CPU) and
 ``health_monitor(every=100)``, and ``fit(..., health_every=1)`` / ``health_every=100``, each
-as a ratio to the same loop without monitoring.
+as a ratio to the same loop without monitoring. A third table compares the monitors again, paired:
+each variant's step compiled once, then ``--rounds`` rounds in which every variant runs ``--block``
+steps in turn; the overhead is the median over rounds of each round's time relative to the plain
+loop's in the same round, which cancels most of the drift of a shared machine.
 
 Throughput excludes compilation and start-up: each run takes ``--warmup`` steps first (the
 compile happens there), then the clock starts, and steps/second is ``--steps`` divided by the time
@@ -90,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=30,
+        help="interleaved rounds of the paired health-monitor comparison (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=100,
+        help="steps per variant and round in that comparison; a multiple of 100 gives "
+        "every=100 exactly its share of monitored steps (default: %(default)s)",
+    )
+    parser.add_argument(
         "--sizes",
         type=lambda text: [int(size) for size in text.split(",")],
         default=SIZES,
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = args.sizes
     if args.quick:
-        args.steps, args.warmup, args.repeats = 30, 5, 1
+        args.steps, args.warmup, args.repeats, args.rounds = 30, 5, 1, 2
 
     model = MLP(sizes, "relu")
     params = model.init(jax.random.key(0))
@@ -169,6 +185,52 @@ def main(argv: list[str] | None = None) -> int:
     def fit_iterable(steps: int, warmup: int = 0) -> float:
         return timed_fit(device_batches, None, steps, warmup)
 
+    def paired_monitor_rounds(rounds: int, block: int) -> dict[str, list[float]]:
+        """Seconds per round of ``block`` steps for the plain loop and each monitor.
+
+        Each variant's step is compiled once and keeps its state across rounds; within a round
+        the variants run one after the other, so a slow spell on the machine affects the plain
+        loop and the monitors alike and the per-round ratios cancel most of it.
+        """
+        monitors = {
+            "plain Adam": optimizer,
+            "health_monitor(every=1)": health_monitor(every=1, inner=optimizer),
+            "health_monitor(every=1, histogram=False)": health_monitor(
+                every=1, inner=optimizer, histogram=False
+            ),
+            "health_monitor(every=100)": health_monitor(every=100, inner=optimizer),
+        }
+
+        def make_step(tx):
+            @jax.jit
+            def train_step(params, opt_state, inputs, labels):
+                loss, grads = jax.value_and_grad(loss_fn)(params, (inputs, labels))
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            return train_step
+
+        def run_block(name: str) -> float:
+            step, p, opt_state = runners[name]
+            jax.block_until_ready(p)
+            start = time.perf_counter()
+            for i in range(block):
+                inputs, labels = device_batches[i % len(device_batches)]
+                p, opt_state, loss = step(p, opt_state, inputs, labels)
+            jax.block_until_ready((p, loss))
+            runners[name] = (step, p, opt_state)
+            return time.perf_counter() - start
+
+        runners = {name: (make_step(tx), params, tx.init(params)) for name, tx in monitors.items()}
+        for name in monitors:  # compile, and start every monitor's count at the same step
+            run_block(name)
+        times: dict[str, list[float]] = {name: [] for name in monitors}
+        names = list(monitors)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                times[name].append(run_block(name))
+        return times
+
     variants = {
         "hand-written loop": (hand_written, ("train_step",)),
         "hand-written loop + grad norm": (hand_written_norm, ("train_step",)),
@@ -227,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in health_variants.items():
             health_rates[name].append(args.steps / run(args.steps, args.warmup))
 
+    paired = paired_monitor_rounds(args.rounds, args.block)
+
     print()
     lean, same = "hand-written loop", "hand-written loop + grad norm"
     print(
@@ -255,6 +319,25 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {statistics.median(rs):,.1f} "
             f"| {statistics.median(ref) / statistics.median(rs) - 1:+.1%} "
             f"| {max(ref) / max(rs) - 1:+.1%} |"
+        )
+    print(
+        f"\nThe same monitors, paired: {args.rounds} rounds of {args.block} steps per variant, "
+        "the variants interleaved (order reversed every other round); each round's time "
+        "relative to the plain loop's in that round"
+    )
+    print(
+        "| variant | overhead per step, median of rounds | quartiles | best round vs best round |"
+    )
+    print("|---|---:|---:|---:|")
+    plain = np.asarray(paired["plain Adam"])
+    for name, times in paired.items():
+        if name == "plain Adam":
+            continue
+        ratios = np.asarray(times) / plain - 1
+        low, mid, high = np.percentile(ratios, [25, 50, 75])
+        print(
+            f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} "
+            f"| {min(times) / plain.min() - 1:+.1%} |"
         )
     return 0 if all(count == 1 for count in compiles.values()) else 1
 
