@@ -198,12 +198,39 @@ def combine_norms(norms: jax.Array) -> jax.Array:
     return safe_norm(jnp.asarray(norms))
 
 
+def _is_zero(x: jax.Array) -> jax.Array:
+    """``x == 0``, by the bits for float32 so that a subnormal is never a zero.
+
+    XLA:CPU runs with denormals-are-zero, so there ``x == 0`` holds for a subnormal; the
+    histogram bins subnormals by their bits, and the zero count must agree with it.
+    """
+    if x.dtype == jnp.float32:
+        return lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF == 0
+    return x == 0
+
+
+def _histogram_bins(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each entry's bin of :data:`HISTOGRAM_EXPONENTS`, and whether it counts (finite, nonzero)."""
+    if x.dtype == jnp.float32:
+        # The binary exponent straight from the bits (cheaper than frexp, and exact for
+        # subnormals, which XLA:CPU's frexp flushes): a normal number with biased exponent
+        # E in 1..254 has frexp exponent E - 126; a subnormal m * 2**-149 has 32 - clz(m) - 149.
+        bits = lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+        biased = bits >> 23
+        mantissa = bits & 0x7FFFFF
+        exponent = jnp.where(biased == 0, 32 - lax.clz(mantissa) - 149, biased - 126)
+        counted = (bits != 0) & (biased != 255)
+    else:
+        magnitude = jnp.abs(x)
+        _, exponent = jnp.frexp(magnitude)
+        counted = (magnitude > 0) & (magnitude < jnp.inf)
+    return jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, len(HISTOGRAM_EXPONENTS) - 1), counted
+
+
 def _histogram(x: jax.Array) -> jax.Array:
-    magnitude = jnp.abs(x)
-    _, exponent = jnp.frexp(magnitude)
-    bins = jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, len(HISTOGRAM_EXPONENTS) - 1)
-    counted = ((magnitude > 0) & (magnitude < jnp.inf)).astype(jnp.int32)
-    return jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32).at[bins.ravel()].add(counted.ravel())
+    index, counted = _histogram_bins(x)
+    counts = jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32)
+    return counts.at[index.ravel()].add(counted.ravel().astype(jnp.int32))
 
 
 #: Leaves with at most this many entries always take the exact path of :func:`gradient_stats`
@@ -224,7 +251,10 @@ def _trustworthy_square_sum(square_sum: jax.Array) -> jax.Array:
 
 
 def _fast_leaf_stats(
-    x: jax.Array, param: jax.Array | None, update: jax.Array | None
+    x: jax.Array,
+    param: jax.Array | None,
+    update: jax.Array | None,
+    histogram: jax.Array | None = None,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
 
@@ -235,12 +265,19 @@ def _fast_leaf_stats(
     (:func:`_trustworthy_square_sum`), and the variance :math:`\overline{g^2} - \bar g^2` at
     least half of :math:`\overline{g^2}` (so :math:`|\bar g| \le \sigma` and the subtraction
     loses at most one bit). Otherwise a :func:`jax.lax.cond` takes the exact path for this leaf.
+
+    Given the leaf's ``histogram`` (:func:`_histogram`), the zeros are counted from it instead
+    of by another pass: on the fast path every entry is finite, and the histogram counts the
+    finite nonzero ones.
     """
     size = x.size
     max_abs = jnp.max(jnp.abs(x))
     total = jnp.sum(x)
     square_sum = jnp.sum(jnp.square(x))
-    zeros = jnp.sum(x == 0, dtype=x.dtype)
+    if histogram is None:
+        zeros = jnp.sum(_is_zero(x), dtype=x.dtype)
+    else:
+        zeros = (size - jnp.sum(histogram)).astype(x.dtype)
     mean = total / size
     mean_square = square_sum / size
     variance = mean_square - jnp.square(mean)
@@ -330,7 +367,7 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     # (XLA:CPU sums int32 in several stages).
     count_dtype = jnp.float32 if x.size < 2**24 else jnp.int32
     counts = reduce_rows(
-        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0], dtype=count_dtype
+        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, _is_zero(x)], dtype=count_dtype
     ).astype(jnp.int32)
     scales, inverses = _power_of_two_scale(maxima)
     scaled = [
@@ -363,15 +400,17 @@ def _leaf_stats(
     g: jax.Array,
     param: jax.Array | None = None,
     update: jax.Array | None = None,
+    histogram: jax.Array | None = None,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     """Statistics of one leaf, and its parameter and update norms (None where not given).
 
-    Large leaves try the one-pass sums first (:func:`_fast_leaf_stats`).
+    Large leaves try the one-pass sums first (:func:`_fast_leaf_stats`, which counts the zeros
+    from ``histogram`` when given).
     """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
     if x.size > FAST_PATH_MIN_SIZE:
-        return _fast_leaf_stats(x, param, update)
+        return _fast_leaf_stats(x, param, update, histogram)
     stats, *norms = _exact_leaf_stats(x, *(leaf for leaf in (param, update) if leaf is not None))
     norms = iter(norms)
     param_norm = next(norms) if param is not None else None
@@ -495,7 +534,7 @@ def _flat_group_stats(
     row_counts = jnp.stack(
         [
             jnp.sum(c, axis=1, dtype=jnp.float32)
-            for c in (jnp.isnan(g), g == jnp.inf, g == -jnp.inf, valid & (g == 0))
+            for c in (jnp.isnan(g), g == jnp.inf, g == -jnp.inf, valid & _is_zero(g))
         ],
         axis=1,
     )
@@ -531,15 +570,16 @@ def _flat_group_stats(
     )
     histograms = None
     if histogram:
+        # One scatter for all leaves: each row's bins offset by its leaf (padding is zero,
+        # which is never counted).
         bins = len(HISTOGRAM_EXPONENTS)
-        magnitude = jnp.abs(g)
-        _, exponent = jnp.frexp(magnitude)
-        index = (
-            jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, bins - 1) + (row_leaf * bins)[:, None]
-        )
-        counted = (valid & (magnitude > 0) & (magnitude < jnp.inf)).astype(jnp.int32)
+        index, counted = _histogram_bins(g)
+        index = index + (row_leaf * bins)[:, None]
         histograms = (
-            jnp.zeros(n * bins, jnp.int32).at[index.ravel()].add(counted.ravel()).reshape(n, bins)
+            jnp.zeros(n * bins, jnp.int32)
+            .at[index.ravel()]
+            .add(counted.ravel().astype(jnp.int32))
+            .reshape(n, bins)
         )
     return floats, counts[:, :3], [norms[:, i + 1] for i in range(len(others))], histograms
 
@@ -654,10 +694,12 @@ def _packed_stats(
         return layout, flat
     rows, counts, histograms = [], [], []
     for i, g in enumerate(grad_leaves):
+        hist = _histogram(g.astype(dtypes[i])) if histogram else None
         stats, param_norm, update_norm = _leaf_stats(
             g,
             None if param_leaves is None else param_leaves[i],
             None if update_leaves is None else update_leaves[i],
+            hist,
         )
         ratio = None
         if param_norm is not None and update_norm is not None:
@@ -679,7 +721,7 @@ def _packed_stats(
         )
         counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
         if histogram:
-            histograms.append(_histogram(g.astype(dtypes[i])))
+            histograms.append(hist)
     packed = _Packed(
         floats=jnp.stack(rows),
         counts=jnp.stack(counts),
@@ -719,8 +761,9 @@ def gradient_stats(
     For each gradient leaf :math:`g` this computes an underflow-safe norm
     :math:`m \lVert g/m \rVert_2` with :math:`m = \max|g|`, the max magnitude, mean, standard
     deviation, fraction of exact zeros, NaN and ±Inf counts, and a histogram of
-    :math:`\log_2 |g|` over fixed bins (:data:`HISTOGRAM_EXPONENTS`, computed with
-    :func:`jax.numpy.frexp`, so histograms of different steps line up). With ``params`` and
+    :math:`\log_2 |g|` over fixed bins (:data:`HISTOGRAM_EXPONENTS`: the exponent of
+    :func:`jax.numpy.frexp`, read from the bits for float32 so that subnormals land in their own
+    bins, and the same bins at every step). With ``params`` and
     ``updates`` it also gives the parameter norm, the update norm and the update/parameter ratio
     :math:`\lVert \Delta w \rVert / \lVert w \rVert`.
 

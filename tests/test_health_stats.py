@@ -1,6 +1,7 @@
 """gradient_stats, health_monitor and log_health against NumPy references."""
 
 import collections
+import functools
 
 import chex
 import jax
@@ -591,3 +592,24 @@ def test_monitor_branch_runs_before_the_optimizer_update():
     grads = closed.jaxpr.invars[:2]
     later = [v for e in eqns[barrier + 1 :] for v in e.invars]
     assert not any(v is g for v in later for g in grads)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), _LARGE])  # the exact and the one-pass paths
+def test_subnormal_entries_are_binned_by_their_exponent_and_are_not_zeros(shape):
+    # XLA:CPU treats subnormal inputs as zero in arithmetic; the histogram reads their bits
+    # instead, and the zero count agrees with it on every path (histogram or not, branch).
+    g = np.random.default_rng(60).normal(size=shape).astype(np.float32)
+    g.ravel()[:6] = [1e-40, -1e-44, 3e-39, 0.0, 0.0, np.float32(2.0**-149)]
+    ref = _reference(g)
+    assert ref["log2_histogram"][:24].sum() == 4  # the four subnormals, below 2**-126
+    with_histogram = _stats_jit({"w": g})["w"]
+    np.testing.assert_array_equal(with_histogram.log2_histogram, ref["log2_histogram"])
+    for stats in (
+        with_histogram,
+        jax.jit(functools.partial(gradient_stats, histogram=False))({"w": g})["w"],
+        _branch_stats({"w": g})["w"],
+    ):
+        np.testing.assert_allclose(stats.zero_fraction, ref["zero_fraction"], rtol=1e-6)
+    np.testing.assert_array_equal(
+        _branch_stats({"w": g})["w"].log2_histogram, ref["log2_histogram"]
+    )
