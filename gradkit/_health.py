@@ -1010,6 +1010,8 @@ def stats_by_path(stats: PyTree) -> dict[str, LeafStats]:
     """Returns ``{"dense_0/kernel": LeafStats, ...}`` with host (NumPy) values."""
     if isinstance(stats, HealthMonitorState):
         stats = stats.stats
+    if any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(stats)):
+        stats = jax.device_get(stats)  # one transfer (and one call) for the whole tree
     pairs = jax.tree_util.tree_flatten_with_path(stats, is_leaf=_is_stats)[0]
     result = {}
     for path, node in pairs:
@@ -1019,7 +1021,7 @@ def stats_by_path(stats: PyTree) -> dict[str, LeafStats]:
                 "pass the output of gradient_stats or a HealthMonitorState"
             )
         result[path_name(path) or "value"] = LeafStats(
-            *(None if field is None else np.asarray(jax.device_get(field)) for field in node)
+            *(None if field is None else np.asarray(field) for field in node)
         )
     if not result:
         raise ValueError("stats is an empty pytree; pass the output of gradient_stats")

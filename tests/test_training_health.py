@@ -141,3 +141,35 @@ def test_fit_records_layer_norms_and_logs_health_to_tensorboard(tmp_path):
     ((step, histo), *_) = histograms["health/dense_0/kernel/log2_magnitude"]
     assert step == 1 and histo.num == 3 * 5
     assert math.isfinite(float(history["loss"][-1]))
+
+
+def test_fit_health_step_returns_the_statistics_packed_in_three_buffers():
+    # fit reads the statistics back every health step: three arrays for all leaves instead of
+    # a dozen per leaf, unpacked on the host into what gradient_stats gives.
+    from gradkit import _health
+    from gradkit.training import _make_step_body
+
+    params, batch = _params(), tuple(jnp.asarray(a) for a in _data(8))
+    optimizer = optax.adam(1e-2)
+    layout = []
+    body = _make_step_body(
+        _loss,
+        optimizer,
+        has_aux=False,
+        clip_global_norm=None,
+        check_dtypes=True,
+        health_always=True,
+        health_layout=layout,
+    )
+    state = TrainState.create(params, optimizer)
+    _, metrics = jax.jit(body)(state, batch)
+    assert len(jax.tree_util.tree_leaves(metrics["health"])) == 3
+    host = _health._unpack(layout[0], jax.device_get(metrics["health"]))
+    grads = jax.grad(_loss)(params, batch)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    want = _health.gradient_stats(grads, params, updates)
+    for path, stats in _health.stats_by_path(want).items():
+        got = _health.stats_by_path(host)[path]
+        np.testing.assert_array_equal(got.log2_histogram, stats.log2_histogram)
+        for field in ("norm", "max_abs", "mean", "std", "zero_fraction", "update_ratio"):
+            np.testing.assert_allclose(getattr(got, field), getattr(stats, field), rtol=1e-5)
