@@ -198,17 +198,6 @@ def combine_norms(norms: jax.Array) -> jax.Array:
     return safe_norm(jnp.asarray(norms))
 
 
-def _is_zero(x: jax.Array) -> jax.Array:
-    """``x == 0``, by the bits for float32 so that a subnormal is never a zero.
-
-    XLA:CPU runs with denormals-are-zero, so there ``x == 0`` holds for a subnormal; the
-    histogram bins subnormals by their bits, and the zero count must agree with it.
-    """
-    if x.dtype == jnp.float32:
-        return lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF == 0
-    return x == 0
-
-
 def _histogram_bins(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each entry's bin of :data:`HISTOGRAM_EXPONENTS`, and whether it counts (finite, nonzero)."""
     if x.dtype == jnp.float32:
@@ -254,7 +243,6 @@ def _fast_leaf_stats(
     x: jax.Array,
     param: jax.Array | None,
     update: jax.Array | None,
-    histogram: jax.Array | None = None,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
 
@@ -265,19 +253,12 @@ def _fast_leaf_stats(
     (:func:`_trustworthy_square_sum`), and the variance :math:`\overline{g^2} - \bar g^2` at
     least half of :math:`\overline{g^2}` (so :math:`|\bar g| \le \sigma` and the subtraction
     loses at most one bit). Otherwise a :func:`jax.lax.cond` takes the exact path for this leaf.
-
-    Given the leaf's ``histogram`` (:func:`_histogram`), the zeros are counted from it instead
-    of by another pass: on the fast path every entry is finite, and the histogram counts the
-    finite nonzero ones.
     """
     size = x.size
     max_abs = jnp.max(jnp.abs(x))
     total = jnp.sum(x)
     square_sum = jnp.sum(jnp.square(x))
-    if histogram is None:
-        zeros = jnp.sum(_is_zero(x), dtype=x.dtype)
-    else:
-        zeros = (size - jnp.sum(histogram)).astype(x.dtype)
+    zeros = jnp.sum(x == 0, dtype=x.dtype)
     mean = total / size
     mean_square = square_sum / size
     variance = mean_square - jnp.square(mean)
@@ -319,6 +300,40 @@ def _fast_leaf_stats(
     return stats, param_norm, update_norm
 
 
+def _reduction_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Rows to reduce a large leaf in: its last axis when that is long enough, else the longest
+    divisor of its size up to 4096 that is at least its square root (one row if none is)."""
+    size = math.prod(shape)
+    if len(shape) >= 2 and shape[-1] >= 64:
+        return size // shape[-1], shape[-1]
+    for width in range(min(4096, size), 0, -1):
+        if width * width < size:
+            break
+        if size % width == 0:
+            return size // width, width
+    return 1, size
+
+
+def _variadic_reduce(combine: Callable, rows: list[jax.Array]) -> list[jax.Array]:
+    """Reduces each ``(rows, width)`` array of ``rows`` to a scalar with ``combine`` (add or
+    maximum), all in one pass: a row-wise variadic reduction, then one of the row results.
+
+    XLA:CPU fuses the element-wise producers of a variadic reduction into its loop, where it
+    hands single reductions to a vectorised library that takes its input materialised: a leaf-
+    sized temporary per statistic, which inside a :func:`jax.lax.cond` branch enlarges the
+    step's temporary memory on every call (past 32 MiB glibc maps it afresh each time, and the
+    step page-faults it in). Row by row, a sum's rounding grows with the row length, not with
+    the leaf size.
+    """
+    zeros = tuple(jnp.zeros((), row.dtype) for row in rows)
+
+    def reducer(a, b):
+        return tuple(combine(p, q) for p, q in zip(a, b, strict=True))
+
+    partial = lax.reduce(tuple(rows), zeros, reducer, (1,))
+    return list(lax.reduce(partial, zeros, reducer, (0,)))
+
+
 def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | LeafStats, ...]:
     r"""Exact statistics of one leaf and the norms of its parameter and update leaves.
 
@@ -331,11 +346,11 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
 
     Four passes: the finite maxima of :math:`|g|`, :math:`|w|` and :math:`|\Delta w|`, the four
     counts, the scaled sums, then the deviations; for a small leaf each pass is one reduction of
-    a stack. That keeps the operation count low, which matters beyond the time the operations
+    a stack, for a large one a variadic reduction (:func:`_variadic_reduce`). That keeps the
+    operation count and the temporary memory low, which matters beyond the time the operations
     take: XLA's CPU runtime spends time on every operation of a :func:`jax.lax.cond` branch even
     on the steps that skip it, and this function runs inside such branches
-    (:func:`_fast_leaf_stats`' fallback; :func:`health_monitor` with ``every > 1`` uses
-    :func:`_flat_group_stats`, the same passes over all leaves at once). The norms
+    (:func:`_fast_leaf_stats`' fallback, :func:`health_monitor` with ``every > 1``). The norms
     of ``others`` are computed in the widest of the compute dtypes.
 
     Returns:
@@ -345,17 +360,21 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     dtype = functools.reduce(
         jnp.promote_types, [_compute_dtype(jnp.asarray(leaf).dtype) for leaf in others], x.dtype
     )
+    shape = _reduction_shape(x.shape)
     x = x.ravel()
     leaves = [x.astype(dtype), *(jnp.asarray(leaf).astype(dtype).ravel() for leaf in others)]
     # A small leaf's statistics cost little beyond the number of operations: stack the rows of
-    # each pass and reduce them at once. A large one's cost its passes over memory: reduce each
-    # row on its own rather than writing the stack first.
+    # each pass and reduce them at once. A large one's cost its passes over memory and the
+    # memory they hold: each pass is one variadic reduction (see _variadic_reduce).
     stacked = x.size <= FAST_PATH_MIN_SIZE
 
     def reduce_rows(reduce, rows, **options):
         if stacked:
             return reduce(jnp.stack(rows), axis=1, **options)
-        return jnp.stack([reduce(row, **options) for row in rows])
+        if "dtype" in options:
+            rows = [row.astype(options["dtype"]) for row in rows]
+        combine = jnp.maximum if reduce is jnp.max else jnp.add
+        return jnp.stack(_variadic_reduce(combine, [row.reshape(shape) for row in rows]))
 
     finite = [jnp.isfinite(leaf) for leaf in leaves]
     maxima = reduce_rows(
@@ -367,7 +386,7 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     # (XLA:CPU sums int32 in several stages).
     count_dtype = jnp.float32 if x.size < 2**24 else jnp.int32
     counts = reduce_rows(
-        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, _is_zero(x)], dtype=count_dtype
+        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0], dtype=count_dtype
     ).astype(jnp.int32)
     scales, inverses = _power_of_two_scale(maxima)
     scaled = [
@@ -380,7 +399,14 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     safe_count = jnp.maximum(count, 1)
     scaled_mean = sums[0] / safe_count
     deviation = jnp.where(finite[0], scaled[0] - scaled_mean, 0)
-    squared_deviation = jnp.sum(jnp.square(deviation))
+    if stacked:
+        squared_deviation = jnp.sum(jnp.square(deviation))
+    else:
+        # A second output keeps this a variadic reduction (a single one would be handed to the
+        # vectorised library, which takes its input materialised); it is not needed otherwise.
+        squared_deviation, _ = _variadic_reduce(
+            jnp.add, [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
+        )
     norms = scales * jnp.sqrt(sums[1:])
     stats = LeafStats(
         norm=norms[0].astype(x.dtype),
@@ -400,17 +426,19 @@ def _leaf_stats(
     g: jax.Array,
     param: jax.Array | None = None,
     update: jax.Array | None = None,
-    histogram: jax.Array | None = None,
+    *,
+    branch: bool = True,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     """Statistics of one leaf, and its parameter and update norms (None where not given).
 
-    Large leaves try the one-pass sums first (:func:`_fast_leaf_stats`, which counts the zeros
-    from ``histogram`` when given).
+    With ``branch`` large leaves try the one-pass sums first (:func:`_fast_leaf_stats`);
+    without, the exact path and no cond (for code that is itself inside a rarely taken
+    branch).
     """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
-    if x.size > FAST_PATH_MIN_SIZE:
-        return _fast_leaf_stats(x, param, update, histogram)
+    if branch and x.size > FAST_PATH_MIN_SIZE:
+        return _fast_leaf_stats(x, param, update)
     stats, *norms = _exact_leaf_stats(x, *(leaf for leaf in (param, update) if leaf is not None))
     norms = iter(norms)
     param_norm = next(norms) if param is not None else None
@@ -455,201 +483,6 @@ class _Packed(NamedTuple):
     histograms: jax.Array | None
 
 
-#: Row lengths :func:`_flat_stats` may lay leaves out in, longest first.
-_FLAT_ROW_LENGTHS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
-
-
-def _flat_row_length(sizes: list[int]) -> int:
-    """The longest row length whose padding adds at most a quarter (plus one row) to ``sizes``."""
-    total = sum(sizes)
-    for length in _FLAT_ROW_LENGTHS:
-        padded = sum(-(-size // length) * length for size in sizes)
-        if padded <= total + total // 4 + length:
-            return length
-    return _FLAT_ROW_LENGTHS[-1]
-
-
-def _flat_group_stats(
-    grads: list[jax.Array], others: list[list[jax.Array]], dtype: np.dtype, histogram: bool
-) -> tuple[jax.Array, jax.Array, list[jax.Array], jax.Array | None]:
-    r"""Exact statistics of leaves of one compute dtype, all leaves at once.
-
-    The leaves are padded to whole rows of a common length and stacked into one ``(rows,
-    length)`` array per argument; each pass of :func:`_exact_leaf_stats` (finite maxima, counts,
-    power-of-two-scaled sums, deviations from the mean) is then one reduction along the rows,
-    and a segment sum (or maximum) over each leaf's rows gives the per-leaf values. So the
-    number of operations does not grow with the number of leaves, which is what a
-    :func:`jax.lax.cond` branch costs on XLA:CPU on the steps that skip it.
-
-    Returns:
-      ``(floats, counts, norms, histograms)``: ``floats`` is ``(leaves, 5)`` (norm, max_abs,
-      mean, std, zero_fraction), ``counts`` ``(leaves, 3)`` int32 (NaN, +Inf, -Inf), ``norms``
-      one ``(leaves,)`` array per list of ``others``, ``histograms`` ``(leaves, bins)`` int32
-      or ``None``.
-    """
-    n = len(grads)
-    sizes = [int(np.size(g)) for g in grads]
-    length = _flat_row_length(sizes)
-    rows = [-(-size // length) for size in sizes]
-    total_rows = sum(rows)
-    # Static layout: the leaf of each row and how many of its entries are real (not padding).
-    row_leaf = np.repeat(np.arange(n, dtype=np.int32), rows)
-    row_valid = np.concatenate(
-        [
-            np.minimum(length, size - length * np.arange(r))
-            for size, r in zip(sizes, rows, strict=True)
-        ]
-        + [np.zeros(0, np.int64)]
-    ).astype(np.int32)
-
-    def stacked(leaves):
-        # Written into a zero buffer one leaf at a time: XLA:CPU updates the buffer in place at
-        # the speed of a copy, where a concatenate of this many entries is several times slower.
-        flat = jnp.zeros(total_rows * length, dtype)
-        offset = 0
-        for leaf, r in zip(leaves, rows, strict=True):
-            flat = lax.dynamic_update_slice(flat, jnp.ravel(leaf).astype(dtype), (offset,))
-            offset += r * length
-        return flat.reshape(total_rows, length)
-
-    def per_leaf_sum(values):
-        return jax.ops.segment_sum(values, row_leaf, num_segments=n, indices_are_sorted=True)
-
-    arrays = [stacked(grads), *(stacked(leaves) for leaves in others)]
-    g = arrays[0]
-    valid = lax.broadcasted_iota(jnp.int32, g.shape, 1) < row_valid[:, None]
-    finite = [valid & jnp.isfinite(a) for a in arrays]
-    row_maxima = jnp.stack(
-        [
-            jnp.max(jnp.where(ok, jnp.abs(a), 0), axis=1)
-            for a, ok in zip(arrays, finite, strict=True)
-        ],
-        axis=1,
-    )
-    # Magnitudes are >= 0, so 0 is the maximum of a leaf without finite entries (or rows).
-    maxima = jnp.maximum(
-        jax.ops.segment_max(row_maxima, row_leaf, num_segments=n, indices_are_sorted=True), 0
-    )
-    # A row has at most 4096 entries: its counts are exact in float32, their sums in int32.
-    row_counts = jnp.stack(
-        [
-            jnp.sum(c, axis=1, dtype=jnp.float32)
-            for c in (jnp.isnan(g), g == jnp.inf, g == -jnp.inf, valid & _is_zero(g))
-        ],
-        axis=1,
-    )
-    counts = per_leaf_sum(row_counts.astype(jnp.int32))
-    scales, inverses = _power_of_two_scale(maxima)
-    row_inverses = inverses[row_leaf]
-    scaled = [
-        jnp.where(ok, a * row_inverses[:, i, None], 0)
-        for i, (a, ok) in enumerate(zip(arrays, finite, strict=True))
-    ]
-    sums = per_leaf_sum(
-        jnp.stack(
-            [jnp.sum(scaled[0], axis=1), *(jnp.sum(jnp.square(v), axis=1) for v in scaled)],
-            axis=1,
-        )
-    )
-    size = np.asarray(sizes, np.int32)
-    count = (size - counts[:, 0] - counts[:, 1] - counts[:, 2]).astype(dtype)
-    safe_count = jnp.maximum(count, 1)
-    scaled_mean = sums[:, 0] / safe_count
-    deviation = jnp.where(finite[0], scaled[0] - scaled_mean[row_leaf][:, None], 0)
-    squared_deviation = per_leaf_sum(jnp.sum(jnp.square(deviation), axis=1))
-    norms = scales * jnp.sqrt(sums[:, 1:])
-    floats = jnp.stack(
-        [
-            norms[:, 0],
-            maxima[:, 0],
-            scales[:, 0] * scaled_mean,
-            scales[:, 0] * jnp.sqrt(squared_deviation / safe_count),
-            counts[:, 3] / np.maximum(size, 1),
-        ],
-        axis=1,
-    )
-    histograms = None
-    if histogram:
-        # One scatter for all leaves: each row's bins offset by its leaf (padding is zero,
-        # which is never counted).
-        bins = len(HISTOGRAM_EXPONENTS)
-        index, counted = _histogram_bins(g)
-        index = index + (row_leaf * bins)[:, None]
-        histograms = (
-            jnp.zeros(n * bins, jnp.int32)
-            .at[index.ravel()]
-            .add(counted.ravel().astype(jnp.int32))
-            .reshape(n, bins)
-        )
-    return floats, counts[:, :3], [norms[:, i + 1] for i in range(len(others))], histograms
-
-
-def _flat_packed_stats(
-    grads: list[jax.Array],
-    params: list[jax.Array] | None,
-    updates: list[jax.Array] | None,
-    *,
-    histogram: bool,
-    wide: np.dtype,
-) -> _Packed:
-    """The packed statistics of all leaves from :func:`_flat_group_stats`, one group per dtype."""
-    dtypes = [np.dtype(_compute_dtype(g.dtype)) for g in grads]
-    keys = []
-    for i in range(len(grads)):
-        dtype = dtypes[i]
-        for leaves in (params, updates):
-            if leaves is not None:
-                dtype = jnp.promote_types(dtype, _compute_dtype(jnp.asarray(leaves[i]).dtype))
-        keys.append(np.dtype(dtype))
-    floats, counts, histograms, order = [], [], [], []
-    for dtype in dict.fromkeys(keys):
-        members = [i for i, key in enumerate(keys) if key == dtype]
-        order.extend(members)
-        others = [
-            [leaves[i] for i in members] for leaves in (params, updates) if leaves is not None
-        ]
-        group_floats, group_counts, norms, group_histograms = _flat_group_stats(
-            [grads[i] for i in members], others, dtype, histogram
-        )
-        norms = iter(norms)
-        param_norm = next(norms) if params is not None else None
-        update_norm = next(norms) if updates is not None else None
-        ratio = None
-        if param_norm is not None and update_norm is not None:
-            ratio = jnp.where(
-                param_norm > 0,
-                update_norm / jnp.where(param_norm > 0, param_norm, 1),
-                jnp.where(update_norm > 0, jnp.inf, 0.0),
-            )
-        nan = jnp.full(len(members), jnp.nan, dtype)
-        columns = [group_floats] + [
-            (nan if value is None else value)[:, None] for value in (param_norm, update_norm, ratio)
-        ]
-        # Each leaf's values are rounded to its own compute dtype, as gradient_stats' are.
-        group_floats = jnp.concatenate(columns, axis=1)
-        leaf_dtypes = {dtypes[i] for i in members}
-        if leaf_dtypes != {np.dtype(dtype)}:
-            rounded = {d: group_floats.astype(d).astype(dtype) for d in leaf_dtypes}
-            for d, values in rounded.items():
-                pick = np.array([dtypes[i] == d for i in members])
-                group_floats = jnp.where(pick[:, None], values, group_floats)
-        floats.append(group_floats.astype(wide))
-        counts.append(group_counts)
-        histograms.append(group_histograms)
-    inverse = np.argsort(order)
-    identity = bool(np.all(inverse == np.arange(len(order))))
-
-    def ordered(parts):
-        joined = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-        return joined if identity else joined[inverse]
-
-    return _Packed(
-        floats=ordered(floats),
-        counts=ordered(counts),
-        histograms=ordered(histograms) if histogram else None,
-    )
-
-
 def _packed_stats(
     grads: PyTree,
     params: PyTree | None = None,
@@ -660,11 +493,11 @@ def _packed_stats(
 ) -> tuple[_Layout, _Packed]:
     """:func:`gradient_stats` as a static layout and three arrays; validates its input.
 
-    ``branch=True`` (what :func:`gradient_stats` and ``health_monitor(every=1)`` use) works leaf
-    by leaf, large leaves by one-pass sums unless a cond finds them inaccurate. ``branch=False``
-    is for code inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``):
-    no nested cond, and all leaves reduced together (:func:`_flat_packed_stats`), since every
-    operation in a branch costs time on the steps that skip it.
+    ``branch=True`` (what :func:`gradient_stats` and ``health_monitor(every=1)`` use): large
+    leaves by one-pass sums unless a cond finds them inaccurate. ``branch=False`` is for code
+    inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``): the exact
+    path without a nested cond, since every operation in a branch costs time on the steps that
+    skip it.
     """
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
@@ -687,11 +520,6 @@ def _packed_stats(
         with_updates=updates is not None,
         histogram=histogram,
     )
-    if not branch:
-        flat = _flat_packed_stats(
-            grad_leaves, param_leaves, update_leaves, histogram=histogram, wide=wide
-        )
-        return layout, flat
     rows, counts, histograms = [], [], []
     for i, g in enumerate(grad_leaves):
         hist = _histogram(g.astype(dtypes[i])) if histogram else None
@@ -699,7 +527,7 @@ def _packed_stats(
             g,
             None if param_leaves is None else param_leaves[i],
             None if update_leaves is None else update_leaves[i],
-            hist,
+            branch=branch,
         )
         ratio = None
         if param_norm is not None and update_norm is not None:
@@ -1010,16 +838,18 @@ def stats_by_path(stats: PyTree) -> dict[str, LeafStats]:
     """Returns ``{"dense_0/kernel": LeafStats, ...}`` with host (NumPy) values."""
     if isinstance(stats, HealthMonitorState):
         stats = stats.stats
-    if any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(stats)):
-        stats = jax.device_get(stats)  # one transfer (and one call) for the whole tree
     pairs = jax.tree_util.tree_flatten_with_path(stats, is_leaf=_is_stats)[0]
-    result = {}
     for path, node in pairs:
         if not isinstance(node, LeafStats):
             raise TypeError(
                 f"stats{jax.tree_util.keystr(path)} is {type(node).__name__}, not LeafStats; "
                 "pass the output of gradient_stats or a HealthMonitorState"
             )
+    nodes = [node for _, node in pairs]
+    if any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(nodes)):
+        nodes = jax.device_get(nodes)  # one transfer (and one call) for the whole tree
+    result = {}
+    for (path, _), node in zip(pairs, nodes, strict=True):
         result[path_name(path) or "value"] = LeafStats(
             *(None if field is None else np.asarray(field) for field in node)
         )
