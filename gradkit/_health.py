@@ -314,9 +314,10 @@ def _reduction_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return 1, size
 
 
-def _variadic_reduce(combine: Callable, rows: list[jax.Array]) -> list[jax.Array]:
-    """Reduces each ``(rows, width)`` array of ``rows`` to a scalar with ``combine`` (add or
-    maximum), all in one pass: a row-wise variadic reduction, then one of the row results.
+def _variadic_reduce(combine: Callable, rows: list[jax.Array]) -> jax.Array:
+    """Reduces each ``(rows, width)`` array of ``rows`` (one dtype) to a scalar with
+    ``combine`` (add or maximum), all in one pass: a row-wise variadic reduction, then one
+    stacked reduction of the row results. Returns the scalars stacked.
 
     XLA:CPU fuses the element-wise producers of a variadic reduction into its loop, where it
     hands single reductions to a vectorised library that takes its input materialised: a leaf-
@@ -330,8 +331,10 @@ def _variadic_reduce(combine: Callable, rows: list[jax.Array]) -> list[jax.Array
     def reducer(a, b):
         return tuple(combine(p, q) for p, q in zip(a, b, strict=True))
 
-    partial = lax.reduce(tuple(rows), zeros, reducer, (1,))
-    return list(lax.reduce(partial, zeros, reducer, (0,)))
+    # The row results are small: one stacked reduction of them needs fewer buffers than a
+    # second variadic one (each operand of a variadic reducer is a buffer of its own).
+    partial = jnp.stack(lax.reduce(tuple(rows), zeros, reducer, (1,)))
+    return jnp.max(partial, axis=1) if combine is jnp.maximum else jnp.sum(partial, axis=1)
 
 
 def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | LeafStats, ...]:
@@ -374,7 +377,7 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
         if "dtype" in options:
             rows = [row.astype(options["dtype"]) for row in rows]
         combine = jnp.maximum if reduce is jnp.max else jnp.add
-        return jnp.stack(_variadic_reduce(combine, [row.reshape(shape) for row in rows]))
+        return _variadic_reduce(combine, [row.reshape(shape) for row in rows])
 
     finite = [jnp.isfinite(leaf) for leaf in leaves]
     maxima = reduce_rows(
@@ -404,9 +407,9 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     else:
         # A second output keeps this a variadic reduction (a single one would be handed to the
         # vectorised library, which takes its input materialised); it is not needed otherwise.
-        squared_deviation, _ = _variadic_reduce(
+        squared_deviation = _variadic_reduce(
             jnp.add, [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
-        )
+        )[0]
     norms = scales * jnp.sqrt(sums[1:])
     stats = LeafStats(
         norm=norms[0].astype(x.dtype),
