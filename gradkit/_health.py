@@ -240,9 +240,7 @@ def _trustworthy_square_sum(square_sum: jax.Array) -> jax.Array:
 
 
 def _fast_leaf_stats(
-    x: jax.Array,
-    param: jax.Array | None,
-    update: jax.Array | None,
+    x: jax.Array, param: jax.Array | None, update: jax.Array | None
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
 
@@ -516,16 +514,8 @@ def _packed_stats(
     )
     dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
     wide = functools.reduce(jnp.promote_types, dtypes)
-    layout = _Layout(
-        treedef=jax.tree_util.tree_structure(grads),
-        dtypes=dtypes,
-        with_params=params is not None,
-        with_updates=updates is not None,
-        histogram=histogram,
-    )
     rows, counts, histograms = [], [], []
     for i, g in enumerate(grad_leaves):
-        hist = _histogram(g.astype(dtypes[i])) if histogram else None
         stats, param_norm, update_norm = _leaf_stats(
             g,
             None if param_leaves is None else param_leaves[i],
@@ -552,7 +542,14 @@ def _packed_stats(
         )
         counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
         if histogram:
-            histograms.append(hist)
+            histograms.append(_histogram(g.astype(dtypes[i])))
+    layout = _Layout(
+        treedef=jax.tree_util.tree_structure(grads),
+        dtypes=dtypes,
+        with_params=params is not None,
+        with_updates=updates is not None,
+        histogram=histogram,
+    )
     packed = _Packed(
         floats=jnp.stack(rows),
         counts=jnp.stack(counts),
@@ -782,8 +779,8 @@ def health_monitor(
             packed = lax.cond(due, compute_from_inputs, lambda: state.packed)
             # The optimiser's update reads its inputs through this barrier, so it runs after the
             # cond: the cond then reads the gradients, parameters and optimiser state while the
-            # update needs them anyway, instead of keeping them alive after it (which costs a
-            # the benchmark MLP's training step 1 to 3% on XLA:CPU).
+            # update needs them anyway, instead of keeping them alive after it (which cost the
+            # benchmark MLP's training step 1 to 3% on XLA:CPU).
             grads, params, inner_state, packed = lax.optimization_barrier(
                 (grads, params, state.inner_state, packed)
             )

@@ -456,7 +456,7 @@ def test_exact_statistics_take_four_reductions_with_or_without_norms():
 
 
 def _branch_stats(grads, params=None, updates=None, histogram=True):
-    """The statistics health_monitor computes inside its every-k branch (all leaves at once)."""
+    """The statistics health_monitor computes inside its every-k branch (no nested cond)."""
     layouts = []
 
     def packed(grads, params, updates):
