@@ -21,7 +21,9 @@ the hand-written loop with its optimizer wrapped in ``gradkit.diagnostics.health
 as a ratio to the same loop without monitoring. A third table compares the monitors again, paired:
 each variant's step compiled once, then ``--rounds`` rounds in which every variant runs ``--block``
 steps in turn; the overhead is the median over rounds of each round's time relative to the plain
-loop's in the same round, which cancels most of the drift of a shared machine.
+loop's in the same round, which cancels most of the drift of a shared machine. A fourth table
+pairs ``fit`` with the hand-written loop + grad norm the same way (``--fit-rounds`` rounds, each
+``fit`` round a whole call timed after its warm-up steps).
 
 Throughput excludes compilation and start-up: each run takes ``--warmup`` steps first (the
 compile happens there), then the clock starts, and steps/second is ``--steps`` divided by the time
@@ -106,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         "every=100 exactly its share of monitored steps (default: %(default)s)",
     )
     parser.add_argument(
+        "--fit-rounds",
+        type=int,
+        default=20,
+        help="interleaved rounds of the paired fit comparison; each fit round compiles its "
+        "step afresh (default: %(default)s)",
+    )
+    parser.add_argument(
         "--sizes",
         type=lambda text: [int(size) for size in text.split(",")],
         default=SIZES,
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = args.sizes
     if args.quick:
-        args.steps, args.warmup, args.repeats, args.rounds = 30, 5, 1, 2
+        args.steps, args.warmup, args.repeats, args.rounds, args.fit_rounds = 30, 5, 1, 2, 2
 
     model = MLP(sizes, "relu")
     params = model.init(jax.random.key(0))
@@ -231,6 +240,52 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(run_block(name))
         return times
 
+    def paired_fit_rounds(rounds: int, block: int) -> dict[str, list[float]]:
+        """Seconds per round of ``block`` steps for the hand-written loop with the gradient
+        norm and for ``fit`` (on arrays and on an iterable), interleaved like the monitors.
+
+        The hand-written step is compiled once and keeps its state across rounds. Each ``fit``
+        round is a whole call (it compiles its step afresh): the clock starts in a callback
+        after ``--warmup`` steps and stops when ``fit`` returns, as in the first table.
+        """
+        train_step = None
+        state: list = []
+
+        def hand(steps: int) -> float:
+            nonlocal train_step
+            if train_step is None:
+
+                @jax.jit
+                def train_step(params, opt_state, inputs, labels):
+                    loss, grads = jax.value_and_grad(loss_fn)(params, (inputs, labels))
+                    updates, opt_state = optimizer.update(grads, opt_state, params)
+                    new_params = optax.apply_updates(params, updates)
+                    return new_params, opt_state, (loss, optax.tree.norm(grads))
+
+                state[:] = [params, optimizer.init(params)]
+            p, opt_state = state
+            jax.block_until_ready(p)
+            start = time.perf_counter()
+            for i in range(steps):
+                inputs, labels = device_batches[i % len(device_batches)]
+                p, opt_state, metrics = train_step(p, opt_state, inputs, labels)
+            jax.block_until_ready((p, metrics))
+            state[:] = [p, opt_state]
+            return time.perf_counter() - start
+
+        runs = {
+            "hand-written loop + grad norm": hand,
+            "fit (arrays)": lambda steps: fit_arrays(steps, args.warmup),
+            "fit (iterable)": lambda steps: fit_iterable(steps, args.warmup),
+        }
+        hand(2)  # compile
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                times[name].append(runs[name](block))
+        return times
+
     variants = {
         "hand-written loop": (hand_written, ("train_step",)),
         "hand-written loop + grad norm": (hand_written_norm, ("train_step",)),
@@ -290,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             health_rates[name].append(args.steps / run(args.steps, args.warmup))
 
     paired = paired_monitor_rounds(args.rounds, args.block)
+    paired_fit = paired_fit_rounds(args.fit_rounds, args.block)
 
     print()
     lean, same = "hand-written loop", "hand-written loop + grad norm"
@@ -309,6 +365,19 @@ def main(argv: list[str] | None = None) -> int:
         "\nall repetitions (steps/s): "
         + "; ".join(f"{name}: {', '.join(f'{r:.0f}' for r in rs)}" for name, rs in rates.items())
     )
+    print(
+        f"\nfit paired with the hand-written loop + grad norm: {args.fit_rounds} rounds of "
+        f"{args.block} steps per variant, interleaved (order reversed every other round); "
+        "steps/second relative to the hand-written loop's in the same round"
+    )
+    print("| variant | ratio, median of rounds | quartiles |")
+    print("|---|---:|---:|")
+    reference = np.asarray(paired_fit["hand-written loop + grad norm"])
+    for name, times in paired_fit.items():
+        if name == "hand-written loop + grad norm":
+            continue
+        low, mid, high = np.percentile(reference / np.asarray(times), [25, 50, 75])
+        print(f"| {name} | {mid:.3f} | {low:.3f} to {high:.3f} |")
     print("\nGradient-health monitoring: time per step relative to the same loop without it")
     print("| variant | steps/s, median | overhead (median) | overhead (best) |")
     print("|---|---:|---:|---:|")
