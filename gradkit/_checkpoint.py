@@ -82,9 +82,12 @@ def describe(tree: Any) -> list[dict[str, Any]]:
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape = list(jnp.shape(leaf))
-        dtype = str(leaf.dtype) if hasattr(leaf, "dtype") else str(np.asarray(leaf).dtype)
-        if not isinstance(leaf, jax.Array) and dtype == "float64" and not jax.config.x64_enabled:
-            dtype = "float32"
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if not isinstance(leaf, jax.Array):
+            # What the leaf becomes on the device: a Python or NumPy float64 or int64 is
+            # float32 or int32 there unless x64 is on (the saved state came from the device).
+            dtype = jax.dtypes.canonicalize_dtype(dtype)
+        dtype = str(dtype)
         out.append({"path": jax.tree_util.keystr(path), "shape": shape, "dtype": dtype})
     return out
 

@@ -101,7 +101,9 @@ class TrainState:
           TypeError: if ``optimizer`` is not an optax ``GradientTransformation``.
         """
         _check_optimizer(optimizer)
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+        # Strongly typed: a weakly typed leaf (a Python float) comes back from the first step
+        # strongly typed, and the step would be traced again for the new input types.
+        params = jax.tree_util.tree_map(_strong, params)
         return cls(
             params=params,
             opt_state=optimizer.init(params),
@@ -213,6 +215,14 @@ def tutorial_momentum(
         return steps, TutorialMomentumState(count=count, velocity=velocity)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _strong(leaf: Any) -> jax.Array:
+    """``jnp.asarray(leaf)`` without a weak type (Python scalars give weakly typed arrays)."""
+    array = jnp.asarray(leaf)
+    if getattr(array, "weak_type", False):
+        array = jnp.asarray(array, dtype=array.dtype)
+    return array
 
 
 def _real_scalar(value: Any, argument: str, alternative: str = "") -> float | None:
@@ -451,8 +461,12 @@ def _validate_step_arguments(loss_fn: Any, optimizer: Any, clip_global_norm: flo
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
     _check_optimizer(optimizer)
-    if clip_global_norm is not None and not (
-        isinstance(clip_global_norm, int | float) and clip_global_norm > 0
+    if clip_global_norm is not None and (
+        isinstance(clip_global_norm, bool)
+        or not isinstance(clip_global_norm, int | float | np.number | np.ndarray | jax.Array)
+        or np.shape(clip_global_norm) != ()
+        or np.asarray(clip_global_norm).dtype.kind not in "iuf"
+        or not clip_global_norm > 0
     ):
         raise ValueError(f"clip_global_norm must be a positive number, got {clip_global_norm!r}")
 
@@ -790,10 +804,24 @@ class _Batches:
             if self.steps_per_epoch == 0:
                 raise ValueError("fit: data yielded no batches (it is empty)")
         if self.batch_size is not None and self.batch_size % mesh_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be divisible by the {mesh_size} devices of "
-                f"the mesh's data axis"
+            what = (
+                f"batch_size {self.batch_size}"
+                if batch_size is not None
+                else f"the full batch (batch_size=None: all {self.batch_size} examples)"
             )
+            raise ValueError(
+                f"{what} must be divisible by the {mesh_size} devices of the mesh's data axis"
+            )
+
+
+def _is_true(value: Any) -> bool:
+    """Whether a callback's result asks to stop: ``True`` as a Python, NumPy or JAX boolean
+    (``None`` and every other value continue)."""
+    if value is True:
+        return True
+    if isinstance(value, np.bool_ | np.ndarray | jax.Array):
+        return np.shape(value) == () and np.asarray(value).dtype == bool and bool(value)
+    return False
 
 
 def _iterate(data: Iterable, skip: int) -> Iterator[Any]:
@@ -889,7 +917,8 @@ def fit(
       eval_every: evaluation interval in steps (``None``: only after the last step).
       callbacks: each is called as ``callback(step, state, metrics)`` after every step, where
         ``metrics`` holds this step's floats (and ``eval_<name>`` at evaluation steps); a
-        callback returning ``True`` stops training after that step.
+        callback returning ``True`` (a Python, NumPy or JAX boolean) stops training after that
+        step.
       progress: show a tqdm progress bar (notebook-aware) with step, loss and steps/s.
       log_dir: write TensorBoard scalars there (``train/loss``, ``train/grad_norm``,
         ``train/<aux>``, ``eval/<name>``); needs tensorboardX.
@@ -968,9 +997,11 @@ def fit(
 
     state = TrainState.create(params, optimizer, seed=seed)
     if batches.arrays is not None:
-        arrays = jax.tree_util.tree_map(jnp.asarray, batches.arrays)
+        # Converted once: the run uses these device arrays (a second conversion of NumPy data
+        # would hold it on the device twice).
+        batches.arrays = jax.tree_util.tree_map(jnp.asarray, batches.arrays)
         if check_dtypes:
-            _check_dtypes(state.params, arrays)
+            _check_dtypes(state.params, batches.arrays)
 
     history = History()
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -1098,6 +1129,8 @@ class _Run:
         # initial state, so its buffers are freed once the first step is handled.
         self.good = state
         self.consumed: _Pending | None = None  # the step that produced self.good
+        self.verified: _Pending | None = None  # the newest step whose params were found finite
+        self.passed = 0
         self.checkpointed_step = int(state.step)
         self.queue: collections.deque[_Pending] = collections.deque()
         if batches.arrays is not None:
@@ -1187,12 +1220,22 @@ class _Run:
             yield (self._place(batch),), batch
 
     def _passes(self, start: int):
-        seen = 0
-        for _ in range(self.epochs):
+        self.passed = 0  # batches the passes gave, skipped ones included
+        for epoch in range(self.epochs):
+            before = self.passed
             for batch in self.batches.iterable:
-                if seen >= start:
+                if self.passed >= start:
                     yield (self._place(batch),), batch
-                seen += 1
+                self.passed += 1
+            if self.passed == before and epoch > 0:
+                warnings.warn(
+                    f"fit: pass {epoch + 1} of {self.epochs} over the data gave no batches, so "
+                    f"training stops after {epoch} pass(es): a one-shot iterator (such as a "
+                    "generator) is exhausted after its first pass. For several epochs pass an "
+                    "object that starts a new pass on every iter() (a list, or a loader class)",
+                    stacklevel=5,
+                )
+                return
 
     def _batch(self, pending: _Pending) -> PyTree:
         """The batch of a launched step, on the host."""
@@ -1227,6 +1270,9 @@ class _Run:
         options = self.options
         start = self.start
         if self.total is not None and start >= self.total:
+            # Already trained (a resumed run that had finished, or was interrupted within its
+            # last steps): only what the end of a run adds, such as the final evaluation.
+            self._finish(_progress_bar(False, self.total, start), final_eval=True)
             return self.good, self.history
         bar = _progress_bar(options["progress"], self.total, start)
         queue = self.queue
@@ -1250,7 +1296,7 @@ class _Run:
                         break
             while queue and not self.stopped:
                 self._consume(len(queue), bar)
-            if number == start:
+            if number == start and (start == 0 or self.total is not None):
                 raise ValueError("fit: data yielded no batches")
         except KeyboardInterrupt:
             try:
@@ -1272,6 +1318,15 @@ class _Run:
             warnings.warn(
                 f"fit: the data ran out after {number - start} batches; stopping at step "
                 f"{number} of {self.total}",
+                stacklevel=3,
+            )
+        if self.total is None and self.passed < start:
+            # epochs= over an iterable of unknown length, resumed: its passes are counted, not
+            # known, so a checkpoint past them means the data is shorter than it was.
+            warnings.warn(
+                f"fit: {self.epochs} passes over the data gave {self.passed} batches, fewer "
+                f"than the {start} steps already taken; the data is shorter than in the run "
+                f"that wrote the checkpoint",
                 stacklevel=3,
             )
         self._finish(bar, final_eval=True)
@@ -1331,7 +1386,7 @@ class _Run:
             values.update(self._evaluate(step))
         if run_callbacks:
             for callback in options["callbacks"]:
-                if callback(step, state, dict(values)) is True:
+                if _is_true(callback(step, state, dict(values))):
                     self.stopped = True
         every = options["checkpoint_every"]
         if every is not None and step % every == 0:
@@ -1403,15 +1458,23 @@ class _Run:
             checkpoint=self.last_checkpoint,
         )
 
+    def _verify_params(self) -> None:
+        """Raises if the newest handled update made the params non-finite (its loss and
+        gradient were finite, or it would have stopped the run already); checked when the
+        params are about to be kept (a checkpoint, the end of the run), once per step."""
+        if self.consumed is None or self.consumed is self.verified:
+            return
+        bad = _non_finite_paths(self.good.params)
+        if bad:
+            raise self._update_error(self.consumed, bad)
+        self.verified = self.consumed
+
     def _save(self) -> None:
         directory = self.options["checkpoint_dir"]
         step = int(self.good.step)
         if directory is None or step == self.checkpointed_step:
             return
-        if self.consumed is not None:  # never write non-finite params as a checkpoint
-            bad = _non_finite_paths(self.good.params)
-            if bad:
-                raise self._update_error(self.consumed, bad)
+        self._verify_params()  # never write non-finite params as a checkpoint
         arrays, metadata = self.history.to_arrays()
         self.last_checkpoint = _checkpoint.save(
             directory,
@@ -1424,18 +1487,23 @@ class _Run:
         self.checkpointed_step = step
 
     def _finish(self, bar: Any, *, final_eval: bool) -> None:
-        step = int(self.good.step)
-        eval_steps = self.history.eval_steps
-        if (
-            final_eval
-            and self.options["eval_fn"] is not None
-            and not (eval_steps.size and eval_steps[-1] == step)
-        ):
-            self._evaluate(step)
-        self._save()
-        bar.close()
-        if self.options["writer"] is not None:
-            self.options["writer"].flush()
+        try:
+            # The last update's params are returned (and evaluated) only if they are finite,
+            # with or without a checkpoint folder.
+            self._verify_params()
+            step = int(self.good.step)
+            eval_steps = self.history.eval_steps
+            if (
+                final_eval
+                and self.options["eval_fn"] is not None
+                and not (eval_steps.size and eval_steps[-1] == step)
+            ):
+                self._evaluate(step)
+            self._save()
+        finally:
+            bar.close()
+            if self.options["writer"] is not None:
+                self.options["writer"].flush()
 
 
 class _ProgressBar:

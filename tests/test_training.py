@@ -230,6 +230,26 @@ def test_step_compiles_once():
         state, _ = jitted(state, batch)
 
 
+def test_python_scalar_params_do_not_make_the_step_retrace():
+    # A Python float becomes a weakly typed array; the first step would hand back a strongly
+    # typed one (and an optimizer state to match) and the step would be traced again.
+    traces = []
+
+    def loss(params, batch):
+        traces.append(1)
+        return _linear_loss(params, batch)
+
+    params, batch = _setup()
+    params = {"w": params["w"], "b": 0.0}
+    step = make_train_step(loss, optax.adam(0.1))
+    state = TrainState.create(params, optax.adam(0.1))
+    assert not state.params["b"].weak_type
+    for _ in range(4):
+        state, _ = step(state, batch)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+
+
 def test_aux_metrics_and_gradient_clipping():
     params, batch = _setup()
 
@@ -314,6 +334,17 @@ def test_an_optimizer_that_is_not_an_optax_transform_is_refused(optimizer, messa
 def test_bad_clip_and_loss_arguments():
     with pytest.raises(ValueError, match=r"clip_global_norm must be a positive number, got 0"):
         make_train_step(_linear_loss, optax.sgd(0.1), clip_global_norm=0)
+    for bad in (True, "1.0", jnp.ones(2), np.float32(-1.0), 1j):
+        with pytest.raises(ValueError, match=r"clip_global_norm must be a positive number"):
+            make_train_step(_linear_loss, optax.sgd(0.1), clip_global_norm=bad)
+    # NumPy and JAX scalars are numbers too, and clip like the Python float
+    params, batch = _setup()
+    results = []
+    for clip in (0.05, np.float32(0.05), jnp.float32(0.05)):
+        step = make_train_step(_linear_loss, optax.sgd(0.1), clip_global_norm=clip)
+        results.append(step(TrainState.create(params, optax.sgd(0.1)), batch)[0].params)
+    chex.assert_trees_all_close(results[1], results[0], rtol=1e-6)
+    chex.assert_trees_all_close(results[2], results[0], rtol=1e-6)
     with pytest.raises(TypeError, match=r"loss_fn must be callable"):
         make_train_step("loss", optax.sgd(0.1))
 

@@ -222,6 +222,27 @@ def test_callbacks_and_evals_see_each_step_with_its_state_and_a_stop_returns_tha
     np.testing.assert_array_equal(history.eval_steps, np.arange(1, stop_at + 1))
 
 
+@pytest.mark.parametrize("stop", [True, np.True_, jnp.array(True)], ids=["python", "numpy", "jax"])
+def test_a_callback_stops_with_any_true_boolean_and_not_with_other_values(stop):
+    def stopper(step, state, metrics):
+        return stop if step == 3 else (1 if step == 1 else jnp.array(False))
+
+    state, history = fit(
+        linear_loss, LINEAR, BATCHES, optax.sgd(0.1), steps=8, callbacks=[stopper], progress=False
+    )
+    assert int(state.step) == 3  # 1 and a JAX False at the other steps did not stop it
+    np.testing.assert_array_equal(history.steps, [1, 2, 3])
+
+
+def test_several_epochs_over_a_one_shot_generator_warn_that_it_ran_dry():
+    def generator():
+        yield from BATCHES
+
+    with pytest.warns(UserWarning, match=r"pass 2 of 3 over the data gave no batches.*one-shot"):
+        state, _ = fit(linear_loss, LINEAR, generator(), optax.sgd(0.1), epochs=3, progress=False)
+    assert int(state.step) == len(BATCHES)
+
+
 def test_fit_runs_ahead_of_the_host_by_at_most_max_steps_in_flight():
     drawn = []
 
@@ -363,6 +384,46 @@ def test_a_shorter_run_continued_later_is_identical_too(tmp_path):
     assert _leaves_equal(resumed.params, uninterrupted.params)
     again, _ = _run(tmp_path, steps=11)  # nothing left to do: returns the checkpoint
     assert _leaves_equal(again.params, uninterrupted.params)
+
+
+def test_a_run_interrupted_in_its_last_steps_gets_its_final_evaluation_on_resume(tmp_path):
+    def evaluate(params):
+        return mlp_loss(params, (X, Y))
+
+    _, full_history = _run(steps=8, eval_fn=evaluate)
+
+    def interrupt(step, state, metrics):
+        if step == 7:  # the steps already launched finish: the checkpoint is at step 8
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, steps=8, eval_fn=evaluate, callbacks=[interrupt])
+    _, history = _run(tmp_path, steps=8, eval_fn=evaluate)
+    np.testing.assert_array_equal(history.eval_steps, [8])
+    np.testing.assert_array_equal(history.eval_steps, full_history.eval_steps)
+    np.testing.assert_array_equal(history["eval"], full_history["eval"])
+
+
+class _LengthlessLoader:
+    """Batches from a fresh iterator on every pass, without ``__len__`` (like many loaders)."""
+
+    def __init__(self, examples=N):
+        self.examples = examples
+
+    def __iter__(self):
+        return iter([(X[i : i + 8], Y[i : i + 8]) for i in range(0, self.examples, 8)])
+
+
+def test_a_finished_epochs_run_over_a_lengthless_loader_resumes_to_its_end(tmp_path):
+    kwargs = dict(epochs=2, checkpoint_dir=tmp_path, progress=False)
+    state, history = fit(linear_loss, LINEAR, _LengthlessLoader(), optax.sgd(0.1), **kwargs)
+    assert int(state.step) == 10
+    again, again_history = fit(linear_loss, LINEAR, _LengthlessLoader(), optax.sgd(0.1), **kwargs)
+    assert int(again.step) == 10 and _leaves_equal(again.params, state.params)
+    np.testing.assert_array_equal(again_history["loss"], history["loss"])
+    # the same checkpoint with data of half the length: said, not silently accepted
+    with pytest.warns(UserWarning, match=r"2 passes over the data gave 6 batches, fewer than"):
+        fit(linear_loss, LINEAR, _LengthlessLoader(24), optax.sgd(0.1), **kwargs)
 
 
 def test_checkpoints_are_npz_without_pickles_written_atomically(tmp_path):
@@ -605,6 +666,58 @@ def test_non_finite_params_are_never_checkpointed(tmp_path):
     assert [step for step, _ in _checkpoint.list_checkpoints(tmp_path)] == [1, 2]
     assert info.value.checkpoint.name == "ckpt_00000002.npz"
     assert int(info.value.state.step) == 2 and _leaves_equal(info.value.state.params, DEAD)
+
+
+def test_a_last_update_that_makes_the_params_non_finite_stops_without_a_checkpoint_folder():
+    # The loss and gradient of every step are finite; the third update is infinite. Without a
+    # checkpoint folder nothing else reads the final params, and they must not be returned.
+    def explode(count):
+        return jnp.where(count >= 2, jnp.inf, 1.0)
+
+    optimizer = optax.chain(optax.sgd(0.1), optax.scale_by_schedule(explode))
+    evaluated = []
+    with pytest.raises(NonFiniteLossError, match=r"step 3: its update made the params non-finite"):
+        fit(
+            linear_loss,
+            LINEAR,
+            (X, Y),
+            optimizer,
+            steps=3,
+            batch_size=8,
+            eval_fn=lambda params: evaluated.append(1) or 0.0,
+            eval_every=10,
+            progress=False,
+        )
+    assert evaluated == []  # the final evaluation does not run on them either
+
+
+def test_an_optimizer_state_with_python_int_leaves_resumes(tmp_path):
+    def counting_sgd():
+        return optax.GradientTransformation(
+            lambda params: {"count": 0},
+            lambda grads, state, params=None: (
+                jax.tree_util.tree_map(lambda g: -0.05 * g, grads),
+                {"count": state["count"] + 1},
+            ),
+        )
+
+    kwargs = dict(batch_size=8, checkpoint_dir=tmp_path, progress=False)
+    fit(linear_loss, LINEAR, (X, Y), counting_sgd(), steps=3, **kwargs)
+    state, history = fit(linear_loss, LINEAR, (X, Y), counting_sgd(), steps=6, **kwargs)
+    assert int(state.opt_state["count"]) == 6
+    np.testing.assert_array_equal(history.steps, np.arange(1, 7))
+
+
+def test_array_data_is_put_on_the_device_once():
+    x = RNG.normal(size=(4096, D)).astype(np.float32)
+    y = RNG.normal(size=4096).astype(np.float32)
+    copies = []
+
+    def count(step, state, metrics):
+        copies.append(sum(a.shape == x.shape for a in jax.live_arrays()))
+
+    fit(linear_loss, LINEAR, (x, y), optax.sgd(0.01), steps=1, batch_size=64, callbacks=[count])
+    assert copies == [1]
 
 
 # ---- TensorBoard and plots --------------------------------------------------------------------

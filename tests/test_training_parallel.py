@@ -60,6 +60,13 @@ SCRIPT = textwrap.dedent(
         assert "batch_size 10 must be divisible by the 4 devices" in str(error), error
     else:
         raise AssertionError("batch_size 10 on 4 devices was accepted")
+    try:
+        fit(loss, params, (x[:10], y[:10]), optax.sgd(0.1), steps=2, data_parallel=True)
+    except ValueError as error:
+        message = "the full batch (batch_size=None: all 10 examples) must be divisible by the 4"
+        assert message in str(error), error
+    else:
+        raise AssertionError("a full batch of 10 on 4 devices was accepted")
     print("DATA PARALLEL OK")
     """
 )
