@@ -166,13 +166,20 @@ def _check_same_structure(
 
 
 def _power_of_two_scale(max_abs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(scale, inverse)``: the power of two ``2**e`` with ``max_abs < 2**e`` (1 for 0).
+    """Returns ``(scale, inverse)``: the power of two ``2**e`` with ``max_abs < 2**e`` (1 for 0),
+    ``e`` kept within ``±(maxexp - 2)`` of the dtype so that both are finite normal numbers.
 
     Dividing by a power of two is exact and is a multiplication, so scaling entries by it before
-    squaring avoids underflow and overflow without rounding error or a division per entry.
+    squaring avoids underflow and overflow without rounding error or a division per entry. The
+    clamp matters at the ends of the range: for ``max_abs >= 2**127`` in float32 ``2**e`` would
+    be ``inf`` and its inverse a subnormal (flushed to 0 on CPUs), making the norm ``inf * 0``;
+    clamped, the scaled entries are below 4 and their squares cannot overflow.
     """
+    dtype = jnp.dtype(max_abs.dtype)
     _, exponent = jnp.frexp(jnp.where(max_abs > 0, max_abs, 1))
-    one = jnp.ones((), max_abs.dtype)
+    limit = jnp.finfo(dtype).maxexp - 2
+    exponent = jnp.clip(exponent, -limit, limit)
+    one = jnp.ones((), dtype)
     return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
 

@@ -273,6 +273,20 @@ def test_exploding_and_nonfinite_layers():
     assert report.flagged("nan/inf") and report.recommendations == []
 
 
+def test_a_gradient_near_the_float32_maximum_is_exploding_not_ok():
+    # Finite entries of about 2e38: the layer's norm overflows to inf (it once came out NaN,
+    # which no threshold compares with, and the layer read "ok").
+    def net(p, x):
+        z0 = layer_boundary("l0", x @ p["l0"]["w"], None)
+        z1 = layer_boundary("l1", (z0 * jnp.float32(1e37)) @ p["l1"]["w"], None)
+        return jnp.mean(z1)
+
+    params = {"l0": {"w": jnp.full((2, 3), 1e-37)}, "l1": {"w": jnp.full((3, 1), 20.0)}}
+    report = diagnose(net, params, jnp.ones((4, 2)), try_fixes=False)
+    assert report.layer("l0").grad_norm == np.inf
+    assert report.flagged("exploding") == ["l0"]
+
+
 class _Flax(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -86,6 +86,22 @@ def test_norm_does_not_underflow_for_tiny_float32_gradients():
     assert float(stats.norm) > 1e-19
 
 
+@pytest.mark.parametrize("size", [3, 5000], ids=["exact path", "one-pass path"])
+def test_statistics_of_gradients_near_the_float32_maximum_are_finite(size):
+    # Entries of 2**127 and more: a scale of 2**128 would be inf and its inverse a subnormal
+    # that CPUs flush to 0, making the norm, mean and std inf * 0 = NaN.
+    g = np.resize(np.array([2e38, -1e38, 3e38], np.float32), size)
+    stats = _stats_jit({"w": g})["w"]
+    ref = _reference(g)
+    np.testing.assert_allclose(stats.mean, ref["mean"], rtol=1e-4)
+    np.testing.assert_allclose(stats.std, ref["std"], rtol=1e-4)
+    assert float(stats.max_abs) == np.float32(3e38)
+    assert float(stats.norm) == np.inf  # the true norm, above 3.4e38, overflows float32
+    one = _stats_jit({"w": np.array([2e38], np.float32)})["w"]
+    assert (float(one.norm), float(one.mean), float(one.std)) == (np.float32(2e38),) * 2 + (0.0,)
+    np.testing.assert_allclose(_health.safe_norm(jnp.array([1e38, 1e38])), 1.41421e38, rtol=1e-5)
+
+
 def test_histogram_bins_are_fixed_and_cover_float32_extremes():
     g = np.array(
         [np.finfo(np.float32).max, np.float32(2.0**-149), 1.0, 0.75, 0.5, -0.5], np.float32
@@ -135,6 +151,9 @@ def test_float64_under_x64():
         stats = gradient_stats({"w": jnp.asarray(g)})["w"]
         assert stats.norm.dtype == jnp.float64
         np.testing.assert_allclose(stats.norm, 1e-200 * np.sqrt(14.0), rtol=1e-12)
+        huge = gradient_stats({"w": jnp.array([1e308, 1e308])})["w"]
+        np.testing.assert_allclose(huge.norm, 1e308 * np.sqrt(2.0), rtol=1e-12)
+        assert float(huge.mean) == 1e308 and float(huge.std) == 0.0
 
 
 def test_half_precision_gradients_are_summarised_in_float32():
