@@ -63,6 +63,10 @@ class ValueSummary:
 
     @classmethod
     def of(cls, value: Any) -> ValueSummary:
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            # PRNG keys (and other extended dtypes): no numbers to summarise, none NaN.
+            return cls(tuple(np.shape(value)), str(dtype), None, None, 0, 0, 0, 0)
         array = np.asarray(value)
         dtype = array.dtype
         if jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype.kind != "f":
@@ -404,7 +408,9 @@ class _Interpreter:
         ys_per_step = []
         order = range(length - 1, -1, -1) if reverse else range(length)
         for step in order:
-            x_step = [(value[step], node) for value, node in xs]
+            # Each step's slice under a node of its own (transparent, like any slice): the
+            # node of the whole sequence keeps the summary of the whole sequence.
+            x_step = [(value[step], _Node("slice", [node], None)) for value, node in xs]
             outputs = self._call(
                 body, [*consts, *carry, *x_step], ctx.enter(f"scan step {step}", eqn)
             )

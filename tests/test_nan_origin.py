@@ -128,6 +128,43 @@ def test_nan_inside_scan_and_cond_names_the_step():
     assert report.cause == "invalid_operation"
 
 
+def test_scanned_sequences_are_summarised_step_by_step_and_whole():
+    # Each step sees its own slice: a log(0) at step 2 shows the 0 it was given, not step 0's 1.
+    def accumulate(x):
+        return jax.lax.scan(lambda c, xi: (c + jnp.log(xi), c), 0.0, x)[0]
+
+    report = find_nan_origin(accumulate, jnp.array([1.0, 2.0, 0.0, 3.0]))
+    assert report.first.scopes[-1] == "scan step 2"
+    assert report.cause == "log_of_zero"
+    assert str(report.first.inputs[0]) == "float32[scalar] = 0 (1 exact zeros)"
+
+    # A NaN already in the input is not an origin, inside the scan or after it.
+    def uses_the_sequence_twice(x):
+        total = jax.lax.scan(lambda c, xi: (c + xi * 0 + 1.0, None), 0.0, x)[0]
+        return jnp.sum(x * 2.0) + total
+
+    assert not find_nan_origin(uses_the_sequence_twice, jnp.array([1.0, jnp.nan])).found
+
+
+@pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key], ids=["raw", "typed"])
+def test_functions_drawing_random_numbers_are_inspected(make_key):
+    def noisy_log(key, x):
+        return jnp.log(x * jax.random.uniform(key))
+
+    report = find_nan_origin(noisy_log, make_key(0), jnp.zeros(1))
+    assert report.first.primitive == "log" and report.cause == "log_of_zero"
+
+    def dropout_loss(w, key, x):
+        h = x @ w
+        h = jnp.where(jax.random.bernoulli(key, 0.5, h.shape), h / 0.5, 0.0)
+        return jnp.sum(jnp.sqrt(h * h))
+
+    report = find_nan_origin(
+        jax.grad(dropout_loss), jnp.zeros((3, 2)), make_key(1), jnp.ones((4, 3))
+    )
+    assert report.found and report.cause == "sqrt_at_zero"
+
+
 def test_nan_inside_a_while_loop_names_the_iteration():
     def halving_logs(x):
         body = lambda c: (c[0] + 1, jnp.log(c[1] - 1.0))  # noqa: E731  # BODY
