@@ -1397,10 +1397,24 @@ def _param_name(path: tuple[Any, ...]) -> str:
     return path_name(path) or "params"
 
 
+def _other_collection(params: PyTree, path: tuple[Any, ...]) -> bool:
+    """Whether ``path`` lies in a Flax variable collection other than ``params``.
+
+    Flax variables hold state that gradients do not train (``batch_stats``, caches) next to
+    ``params``; its gradient is 0 by construction, so judging it would report "no gradient".
+    """
+    if not (isinstance(params, Mapping) and "params" in params and len(params) > 1 and path):
+        return False
+    return getattr(path[0], "key", None) != "params"
+
+
 def _param_groups(params: PyTree) -> dict[str, list[str]]:
-    """Groups parameter leaf paths by their parent path, in natural order."""
+    """Groups parameter leaf paths by their parent path, in natural order (the leaves of Flax
+    collections other than ``params`` are left out: they are not trained by gradients)."""
     groups: dict[str, list[str]] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if _other_collection(params, path):
+            continue
         name = _param_name(path)
         groups.setdefault(layer_of(name), []).append(name)
     return dict(sorted(groups.items(), key=lambda item: _natural_key(item[0])))
@@ -1471,7 +1485,8 @@ def diagnose(
         ``jax.vmap``, ``lax.scan`` or ``jax.checkpoint`` that ``loss_fn`` applies cannot be
         observed from outside (they are listed in :attr:`HealthReport.unobserved`, and their
         layers are judged from their parameter gradients alone).
-      params: the parameter pytree.
+      params: the parameter pytree (Flax variables as they are: of their collections only
+        ``params`` is judged, since ``batch_stats`` and the like are not trained by gradients).
       *batch: the batch arguments of ``loss_fn``. Array leaves are traced, as in a jitted
         training step; any other leaf (a number, a string, a flag) is static. The traced and
         compiled analysis is kept for the next call with the same ``loss_fn``, static leaves

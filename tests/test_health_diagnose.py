@@ -317,6 +317,32 @@ def test_flax_linen_model_without_changes():
         np.testing.assert_allclose(layer.cotangent_norm, _norm(dzs[f"dense_{i}"]), rtol=1e-4)
 
 
+class _Normalised(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=False)(x))
+        return nn.Dense(1)(x)
+
+
+def test_flax_collections_other_than_params_are_not_judged():
+    # batch_stats are updated by the forward pass, not by gradients: their gradient is 0 and
+    # must not read as "no gradient".
+    model = _Normalised()
+    variables = model.init(jax.random.key(0), X)
+    assert set(variables) == {"params", "batch_stats"}
+
+    def loss(variables, x):
+        out, _ = model.apply(variables, x, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(out[:, 0] - x[:, 0]))
+
+    report = diagnose(loss, variables, X, try_fixes=False)
+    paths = [path for layer in report.layers for path in layer.param_paths]
+    assert paths and all(path.startswith("params/") for path in paths)
+    assert "params/BatchNorm_0/scale" in paths
+    assert report.flagged("no gradient") == []
+
+
 class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
