@@ -218,29 +218,31 @@ def _path(prefix: str, key_path) -> str:
     return prefix + jax.tree_util.keystr(key_path)
 
 
-def _time_length(xs: PyTree, length: int | None) -> int:
+def _time_length(xs: PyTree, length: int | None, who: str = "scan") -> int:
     leaves = jax.tree_util.tree_flatten_with_path(xs)[0]
     lengths = {}
     for key_path, leaf in leaves:
         shape = jnp.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
-                f"scan: every leaf of xs needs a leading time axis; {_path('xs', key_path)} is a "
+                f"{who}: every leaf of xs needs a leading time axis; {_path('xs', key_path)} is a "
                 "scalar"
             )
         lengths[_path("xs", key_path)] = shape[0]
     distinct = sorted(set(lengths.values()))
     if len(distinct) > 1:
         listing = ", ".join(f"{name} has {n}" for name, n in lengths.items())
-        raise ValueError(f"scan: the leaves of xs disagree on the number of time steps: {listing}")
+        raise ValueError(f"{who}: the leaves of xs disagree on the number of time steps: {listing}")
     if length is not None:
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-            raise ValueError(f"scan: length must be a non-negative int; got {length!r}")
+            raise ValueError(f"{who}: length must be a non-negative int; got {length!r}")
         if distinct and distinct[0] != length:
-            raise ValueError(f"scan: length={length} but the leaves of xs have {distinct[0]} steps")
+            raise ValueError(
+                f"{who}: length={length} but the leaves of xs have {distinct[0]} steps"
+            )
         return int(length)
     if not distinct:
-        raise ValueError("scan: xs has no leaves, so pass length= to say how many steps to run")
+        raise ValueError(f"{who}: xs has no leaves, so pass length= to say how many steps to run")
     return int(distinct[0])
 
 
@@ -270,8 +272,15 @@ def _aval_text(leaf: Any) -> str:
     return f"{jnp.result_type(leaf).name}{list(jnp.shape(leaf))}"
 
 
-def _checked(step: Step, init: PyTree) -> Step:
-    """Wraps ``step`` so that a carry that differs from ``init`` raises a readable error."""
+def _checked(
+    step: Step, init: PyTree, who: str = "scan", call: str = "step(carry, x)", output: str = "y"
+) -> Step:
+    """Wraps ``step`` so that a carry that differs from ``init`` raises a readable error.
+
+    ``who`` is the function the user called, ``call`` how it calls the user's step and
+    ``output`` the name of the step's second result, for the messages.
+    """
+    step_name = call.split("(")[0]
     init_tree = jax.tree.structure(init)
     init_leaves = jax.tree_util.tree_flatten_with_path(init)[0]
 
@@ -279,15 +288,20 @@ def _checked(step: Step, init: PyTree) -> Step:
         out = step(carry, x)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError(
-                "scan: step(carry, x) must return a pair (new_carry, y); got "
-                f"{type(out).__name__}"
-                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                f"{who}: {call} must return a pair (new_carry, {output}); got "
+                + (
+                    f"{type(out).__name__} of length {len(out)}"
+                    if isinstance(out, (tuple, list))
+                    else f"one {_aval_text(out)}"
+                    if hasattr(out, "shape") and hasattr(out, "dtype")
+                    else type(out).__name__
+                )
             )
         new_carry, y = out
         new_tree = jax.tree.structure(new_carry)
         if new_tree != init_tree:
             raise TypeError(
-                "scan: step must return a carry with the same pytree structure as init; "
+                f"{who}: {step_name} must return a carry with the same pytree structure as init; "
                 f"init is {init_tree} but step returned {new_tree}"
             )
         problems = []
@@ -302,7 +316,7 @@ def _checked(step: Step, init: PyTree) -> Step:
                 )
         if problems:
             raise TypeError(
-                "scan: step must return a carry with the same shapes and dtypes as init: "
+                f"{who}: {step_name} must return a carry with the same shapes and dtypes as init: "
                 + "; ".join(problems)
             )
         # Weakly typed init leaves (Python scalars) must not make lax.scan reject the carry.
@@ -966,7 +980,8 @@ class RNN:
           ``(batch, time, out)`` outputs, or ``(batch, out)`` with ``only_return_final``.
 
         Raises:
-          ValueError: if ``xs`` is not 3-D or ``mask`` is not ``(batch, time)``.
+          ValueError: if ``xs`` is not 3-D, ``mask`` is not ``(batch, time)`` or a leaf of
+            ``initial_carry`` has no leading axis of the batch size.
         """
         xs = jnp.asarray(xs)
         if xs.ndim != 3:
@@ -984,6 +999,18 @@ class RNN:
                     lambda a, n: a.astype(n.dtype) if a.shape == n.shape else a, one, new
                 )
             initial_carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), one)
+        else:
+            wrong = [
+                f"{_path('initial_carry', key_path)} has shape {tuple(jnp.shape(leaf))}"
+                for key_path, leaf in jax.tree_util.tree_flatten_with_path(initial_carry)[0]
+                if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch
+            ]
+            if wrong:
+                raise ValueError(
+                    f"RNN.apply: initial_carry needs a leading batch axis of {batch} (xs is "
+                    f"{tuple(xs.shape)}), like the cell's carry for each sequence stacked; "
+                    + "; ".join(wrong)
+                )
         if mask is not None:
             mask = jnp.asarray(mask)
             if mask.shape != xs.shape[:2]:
@@ -1008,10 +1035,11 @@ class RNN:
                 return ys[0] if self.backwards else ys[-1]
             # Each sequence's last step that ran, in processing order (its outputs after that
             # are zero): Lasagne returns the hidden state carried past the padding.
+            ran = mask != 0  # as scan reads the mask: any nonzero value runs the step
             last = (
-                jnp.argmax(mask, axis=0)
+                jnp.argmax(ran, axis=0)
                 if self.backwards
-                else mask.shape[0] - 1 - jnp.argmax(mask[::-1], axis=0)
+                else ran.shape[0] - 1 - jnp.argmax(ran[::-1], axis=0)
             )
             return ys[last, jnp.arange(batch)]
         return jnp.swapaxes(ys, 0, 1)
@@ -1093,7 +1121,7 @@ def tbptt_value_and_grad(
     if k2 < k1:
         raise ValueError(f"tbptt_value_and_grad: k2 must be >= k1; got k1={k1}, k2={k2}")
     unroll = _check_unroll(unroll)
-    n_steps = _time_length(xs, None)
+    n_steps = _time_length(xs, None, "tbptt_value_and_grad")
     init = _promote_weak_init(
         lambda carry, x: loss_step(params, carry, x), jax.tree.map(jnp.asarray, init), xs
     )
@@ -1102,7 +1130,11 @@ def tbptt_value_and_grad(
 
     def checked_loss_step(p):
         def step(carry, x):
-            new_carry, loss = loss_step(p, carry, x)
+            out = loss_step(p, carry, x)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                # _checked says what was returned instead
+                return out
+            new_carry, loss = out
             if jnp.shape(loss) != ():
                 raise TypeError(
                     "tbptt_value_and_grad: loss_step must return a scalar loss; got shape "
@@ -1110,7 +1142,7 @@ def tbptt_value_and_grad(
                 )
             return new_carry, loss
 
-        return _checked(step, init)
+        return _checked(step, init, "tbptt_value_and_grad", "loss_step(params, carry, x)", "loss")
 
     def window_loss(p, start, x_window, valid_window):
         step = checked_loss_step(p)

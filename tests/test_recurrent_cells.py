@@ -298,6 +298,14 @@ def test_rnn_layer_mask_is_batch_major():
     want = RNN(cell, backwards=True).apply(params, xs[1:2, :4])[0, 0]
     np.testing.assert_allclose(backwards[1], want, rtol=1e-6)
     np.testing.assert_array_equal(backwards[2], 0.0)
+    # A numeric mask counts any nonzero value as a step that runs (as scan reads it), also
+    # when picking the last one: weights of 2 and 1 are steps, not a ranking.
+    weights = np.where(mask, np.linspace(2.0, 1.0, T), 0.0)
+    for go_back in (False, True):
+        layer = RNN(cell, backwards=go_back, only_return_final=True)
+        np.testing.assert_array_equal(
+            layer.apply(params, xs, mask=weights), layer.apply(params, xs, mask=mask)
+        )
 
 
 def test_rnn_layer_errors():
@@ -313,6 +321,14 @@ def test_rnn_layer_errors():
         layer.apply(params, jnp.ones((T, I)))
     with pytest.raises(ValueError, match=r"mask must be \(batch, time\) = \(3, 6\); got \(6, 3\)"):
         layer.apply(params, jnp.ones((B, T, I)), mask=jnp.ones((T, B), bool))
+    one = GRU(H).initial_carry()
+    for carry in (one, jnp.zeros((B + 1, H))):
+        with pytest.raises(
+            ValueError,
+            match=rf"initial_carry needs a leading batch axis of 3 .*; initial_carry has shape "
+            rf"\({carry.shape[0]},",
+        ):
+            layer.apply(params, jnp.ones((B, T, I)), initial_carry=carry)
 
 
 # -------------------------------------------------------------------------------------------
@@ -467,5 +483,15 @@ def test_tbptt_errors():
         tbptt_value_and_grad(_loss_step, params, init, xs, k1=1, k2=2.0)
     with pytest.raises(TypeError, match=r"must return a scalar loss; got shape \(4,\)"):
         tbptt_value_and_grad(lambda p, h, x: (h, h), params, init, xs, k1=2)
-    with pytest.raises(ValueError, match="disagree on the number of time steps"):
+    with pytest.raises(
+        ValueError, match="tbptt_value_and_grad: the leaves of xs disagree on the number of time"
+    ):
         tbptt_value_and_grad(_loss_step, params, init, (xs[0], xs[1][:3]), k1=2)
+    with pytest.raises(
+        TypeError,
+        match=r"tbptt_value_and_grad: loss_step\(params, carry, x\) must return a pair "
+        r"\(new_carry, loss\); got one float",
+    ):
+        tbptt_value_and_grad(lambda p, h, x: jnp.sum(h), params, init, xs, k1=2)
+    with pytest.raises(TypeError, match=r"loss_step must return a carry with the same shapes"):
+        tbptt_value_and_grad(lambda p, h, x: (h[:2], jnp.sum(h)), params, init, xs, k1=2)
