@@ -2264,7 +2264,10 @@ def _recommendation(name, description, new_layers, base, findings, new_findings)
         if before > 0:
             change[la_name] = after / before
             if after > 0:
-                gains.append(abs(math.log10(after / before)))
+                # Orders of magnitude in the direction that helps: down for an exploding
+                # layer, up for every other symptom (vanishing, dead, saturated units).
+                direction = -1.0 if "exploding" in la.symptoms else 1.0
+                gains.append(direction * math.log10(after / before))
         elif after > 0:
             gains.append(math.inf)  # a gradient where there was none at all
     remaining = [f"{f.symptom}: {', '.join(f.layers)}" for f in new_findings]
@@ -2288,6 +2291,11 @@ def _clipped(base, findings, reference):
         copy = dataclasses.replace(la, symptoms=[])
         if copy.grad_norm is not None and math.isfinite(copy.grad_norm):
             copy.grad_norm *= factor
+        elif copy.grad_norm is None and copy.cotangent_norm is not None:
+            # A layer without parameters is judged by its cotangent: scaled alike, so that it
+            # keeps its standing relative to the others (clipping moves every norm together).
+            if math.isfinite(copy.cotangent_norm):
+                copy.cotangent_norm *= factor
         layers.append(copy)
     new_findings = _judge(layers, reference)
     return _recommendation(

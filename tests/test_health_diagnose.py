@@ -528,3 +528,34 @@ def test_bad_batches_are_refused_with_a_reason():
         diagnose(loss, params, batches=[(x,), (x, x)])
     with pytest.raises(ValueError, match="is not an array and differs"):
         diagnose(loss, params, batches=[(x, 1.0), (x, 2.0)])
+
+
+@pytest.mark.parametrize("symptom", ["vanishing", "exploding"])
+def test_fixes_are_ranked_by_how_far_they_move_the_gradient_the_right_way(symptom):
+    # Two candidate fixes leave the same findings; one moves the sick layer's gradient 100x the
+    # helpful way, the other 1000x the harmful way. The helpful one must score higher.
+    before = 1e-8 if symptom == "vanishing" else 1e8
+    helpful, harmful = (100.0, 1e-3) if symptom == "vanishing" else (1e-2, 1e3)
+    sick = _health.LayerHealth("dense_0", grad_norm=before, symptoms=[symptom])
+    last = _health.LayerHealth("dense_1", grad_norm=1.0)
+    base = _health._Analysis(1.0, [sick, last])
+    scores = {}
+    for name, factor in (("helpful", helpful), ("harmful", harmful)):
+        moved = [_health.LayerHealth("dense_0", grad_norm=before * factor), last]
+        scores[name], _ = _health._recommendation(name, "", moved, base, [], [])
+    assert scores["helpful"] > 0 > scores["harmful"]
+
+
+def test_the_clipping_counterfactual_scales_layers_without_parameters_too():
+    # dense_0 explodes; "act" has no parameters and is judged by its cotangent. Clipping scales
+    # every norm by the same factor, so it must not make "act" look exploding next to the rest.
+    layers = [
+        _health.LayerHealth("dense_0", grad_norm=1e7),
+        _health.LayerHealth("act", cotangent_norm=50.0),
+        _health.LayerHealth("dense_1", grad_norm=1.0),
+    ]
+    findings = _health._judge(layers, "dense_1")
+    assert [(f.symptom, f.layers) for f in findings] == [("exploding", ["dense_0"])]
+    _, recommendation = _health._clipped(_health._Analysis(1.0, layers), findings, "dense_1")
+    # relative to the last layer dense_0 still explodes (clipping keeps ratios); "act" joins none
+    assert recommendation.remaining == ["exploding: dense_0"]
