@@ -755,6 +755,21 @@ def _array_dataset(data: Any) -> PyTree | None:
     return None
 
 
+def _looks_like_listed_arrays(data: Any) -> bool:
+    """Whether ``data`` is a tuple or dict of lists of plain numbers (``(x.tolist(),
+    y.tolist())``): arrays in disguise, not batches."""
+    parts = list(data.values()) if isinstance(data, Mapping) else data
+    if not isinstance(data, tuple | Mapping) or not parts:
+        return False
+
+    def numeric(item: Any) -> bool:
+        if isinstance(item, list):
+            return bool(item) and all(numeric(element) for element in item[:8])
+        return isinstance(item, int | float | np.number) and not isinstance(item, bool)
+
+    return all(isinstance(part, list) and numeric(part) for part in parts)
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -792,6 +807,12 @@ class _Batches:
                 raise TypeError(
                     "data must be arrays (an array, or a tuple or dict of arrays sharing their "
                     f"leading axis) or an iterable of batches, got {type(data).__name__}"
+                )
+            if _looks_like_listed_arrays(data):
+                raise TypeError(
+                    "data is a tuple or dict of Python lists of numbers, which fit would take "
+                    "for an iterable of batches; convert them to arrays (np.asarray) to train "
+                    "on them as examples"
                 )
             if batch_size is not None:
                 raise ValueError(

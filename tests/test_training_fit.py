@@ -293,6 +293,9 @@ def test_bad_fit_arguments_fail_before_any_step():
         fit(linear_loss, LINEAR, [(X, Y)], optax.sgd(0.1), steps=3, batch_size=4)
     with pytest.raises(TypeError, match=r"must be an optax GradientTransformation"):
         fit(linear_loss, LINEAR, (X, Y), "sgd", steps=3)
+    for listed in ((X.tolist(), Y.tolist()), {"x": X.tolist(), "y": Y.tolist()}):
+        with pytest.raises(TypeError, match=r"dict of Python lists of numbers.*np\.asarray"):
+            fit(linear_loss, LINEAR, listed, optax.sgd(0.1), steps=3)
     with pytest.raises(TypeError, match=r"callbacks must be callables"):
         fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=3, callbacks=[1])
     with pytest.raises(ValueError, match=r"steps must be a positive int, got 0"):
