@@ -1293,6 +1293,13 @@ class _Run:
         if self.total is not None and start >= self.total:
             # Already trained (a resumed run that had finished, or was interrupted within its
             # last steps): only what the end of a run adds, such as the final evaluation.
+            if start > self.total:
+                warnings.warn(
+                    f"fit: the checkpoint in {options['checkpoint_dir']} is at step {start}, past "
+                    f"the {self.total} steps asked for; returning its state without training "
+                    "(use another checkpoint_dir to train a new run)",
+                    stacklevel=3,
+                )
             self._finish(_progress_bar(False, self.total, start), final_eval=True)
             return self.good, self.history
         bar = _progress_bar(options["progress"], self.total, start)

@@ -387,6 +387,9 @@ def test_a_shorter_run_continued_later_is_identical_too(tmp_path):
     assert _leaves_equal(resumed.params, uninterrupted.params)
     again, _ = _run(tmp_path, steps=11)  # nothing left to do: returns the checkpoint
     assert _leaves_equal(again.params, uninterrupted.params)
+    with pytest.warns(UserWarning, match=r"is at step 11, past the 6 steps asked for"):
+        shorter, _ = _run(tmp_path, steps=6)
+    assert int(shorter.step) == 11
 
 
 def test_a_run_interrupted_in_its_last_steps_gets_its_final_evaluation_on_resume(tmp_path):
