@@ -665,6 +665,28 @@ def _check_input(x: jax.Array, params: dict, owner: str) -> None:
         )
 
 
+def _check_carry(carry: Any, params: dict, owner: str, pair: bool = False) -> None:
+    """Raises a readable error for a carry that is not the cell's state for one example."""
+    hidden = params["recurrent_kernel"].shape[0]
+    one = f"({hidden},)"
+    if pair:
+        if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
+            got = _aval_text(carry) if hasattr(carry, "shape") else type(carry).__name__
+            raise TypeError(
+                f"{owner}.apply: carry must be the pair (h, c) of hidden and cell states, each "
+                f"{one}; got {got}"
+            )
+        states = carry
+    else:
+        states = (carry,)
+    for state in states:
+        if jnp.shape(state) != (hidden,):
+            raise ValueError(
+                f"{owner}.apply acts on one example: its carry must have shape {one} "
+                f"(hidden_size,); got {tuple(jnp.shape(state))}. Batch with jax.vmap or use RNN"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class SimpleRNN:
     r"""Elman recurrent cell (Lasagne's ``RecurrentLayer``) acting on one example.
@@ -722,6 +744,7 @@ class SimpleRNN:
     def apply(self, params: dict, carry: jax.Array, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
         """One step: returns ``(h_t, h_t)`` for hidden state ``carry`` and input ``x``."""
         _check_input(x, params, "SimpleRNN")
+        _check_carry(carry, params, "SimpleRNN")
         phi = _resolve_activation(self.activation)
         h = phi(x @ params["kernel"] + carry @ params["recurrent_kernel"] + params["bias"])
         return h, h
@@ -782,6 +805,7 @@ class GRU:
     def apply(self, params: dict, carry: jax.Array, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
         """One step: returns ``(h', h')``."""
         _check_input(x, params, "GRU")
+        _check_carry(carry, params, "GRU")
         gi = x @ params["kernel"] + params["bias"]
         gh = carry @ params["recurrent_kernel"] + params["recurrent_bias"]
         gi_r, gi_z, gi_n = jnp.split(gi, 3)
@@ -849,6 +873,7 @@ class LSTM:
     ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         """One step: returns ``((h', c'), h')``."""
         _check_input(x, params, "LSTM")
+        _check_carry(carry, params, "LSTM", pair=True)
         h, c = carry
         a = x @ params["kernel"] + h @ params["recurrent_kernel"] + params["bias"]
         a_i, a_f, a_g, a_o = jnp.split(a, 4)
