@@ -9,9 +9,16 @@ verdict:
   autodiff value, :math:`d` the extrapolated finite difference, :math:`e` its error bar and
   :math:`s` the scale of the quantity (so rounding in long sums is not mistaken for a bug);
 * ``fail``: the gap is beyond that bound;
-* ``inconclusive``: the finite difference is too noisy to decide, produced NaN/Inf, or the point
-  is a kink (left and right slopes differ) and the autodiff value is not between them. An
-  autodiff value between the two one-sided slopes at a kink is a subgradient, which passes.
+* ``inconclusive``: the finite difference is too noisy to decide (its error bar is not small
+  against the derivatives of ``f``), produced NaN/Inf (that element only), or the point is a kink
+  (left and right slopes differ) and the autodiff value is not between them. An autodiff value
+  between the two one-sided slopes at a kink is a subgradient, which passes. A comparison that
+  fails is looked at again with a 1024 times smaller step: if that agrees with autodiff (or finds
+  the kink), a kink lies inside the default step and the verdict is ``inconclusive``.
+
+In forward mode the scale :math:`s` is taken per output leaf, so a large output cannot hide a
+wrong rule in a small one. Reverse mode projects all outputs onto one random cotangent, so there a
+large output can still dominate; the forward-mode rows (checked by default) catch such a rule.
 """
 
 from __future__ import annotations
@@ -380,6 +387,15 @@ class _Problem:
             self.arg_leaves.append([leaf for _, leaf in path_leaves])
             for j, (path, leaf) in enumerate(path_leaves):
                 name = names[i] + jax.tree_util.keystr(path)
+                if _is_static(leaf):
+                    # Like jax.grad, Python ints, bools, strings and other objects are passed
+                    # to f as they are (f may use them in range(), shapes or branches).
+                    if i in self.argnums:
+                        self.skipped.append(
+                            f"{name}: Python {type(leaf).__name__} {_clip(repr(leaf), 40)}, "
+                            "passed to f unchanged as a static value"
+                        )
+                    continue
                 if _is_complex(leaf):
                     raise TypeError(
                         f"check_grads: input {name} is complex ({leaf.dtype}); complex inputs are "
@@ -414,8 +430,23 @@ class _Problem:
 
     # The output structure, and which of its leaves are differentiable.
     def _describe_outputs(self) -> None:
+        dynamic = [
+            (i, j)
+            for i, leaves in enumerate(self.arg_leaves)
+            for j, leaf in enumerate(leaves)
+            if not _is_static(leaf)
+        ]
+
+        def traced(values):
+            arg_leaves = [list(leaves) for leaves in self.arg_leaves]
+            for (i, j), value in zip(dynamic, values, strict=True):
+                arg_leaves[i][j] = value
+            return self.f(*self._unflatten(arg_leaves))
+
         try:
-            self.jaxpr, out = jax.make_jaxpr(lambda *a: self.f(*a), return_shape=True)(*self.args)
+            self.jaxpr, out = jax.make_jaxpr(traced, return_shape=True)(
+                [self.arg_leaves[i][j] for i, j in dynamic]
+            )
         except _TRACE_ERRORS as error:
             raise TypeError(
                 f"check_grads: {self.name} cannot be traced by JAX, so it cannot be "
@@ -466,10 +497,17 @@ class _Problem:
         arg_leaves = [list(ls) for ls in self.arg_leaves]
         if cast is not None:
             arg_leaves = [
-                [leaf.astype(cast) if _is_float(leaf) else leaf for leaf in ls] for ls in arg_leaves
+                [
+                    leaf.astype(cast) if not _is_static(leaf) and _is_float(leaf) else leaf
+                    for leaf in ls
+                ]
+                for ls in arg_leaves
             ]
         for (i, j), leaf in zip(self.positions, leaves, strict=True):
             arg_leaves[i][j] = leaf
+        return self._unflatten(arg_leaves)
+
+    def _unflatten(self, arg_leaves) -> tuple:
         return tuple(
             jax.tree_util.tree_unflatten(t, ls)
             for t, ls in zip(self.arg_treedefs, arg_leaves, strict=True)
@@ -488,6 +526,26 @@ class _Problem:
 
         return flat_f
 
+    def output_scale(self, values: np.ndarray) -> np.ndarray:
+        """The typical size of each output element's derivative, per output leaf.
+
+        Args:
+          values: ``(..., outputs)`` derivatives of the flat output (NaN/Inf allowed).
+
+        Returns:
+          ``(outputs,)``: for each element, the RMS of the finite, nonzero ``values`` of its
+          output leaf, so a small-scale output is not judged against a large-scale one.
+        """
+        values = np.asarray(values, np.float64).reshape(-1, self.num_outputs)
+        scale = np.zeros(self.num_outputs)
+        offset = 0
+        for size in self.out_sizes:
+            block = values[:, offset : offset + size]
+            moved = block[(block != 0) & np.isfinite(block)]
+            scale[offset : offset + size] = np.sqrt(np.mean(moved**2)) if moved.size else 0.0
+            offset += size
+        return scale
+
     def output_name(self, flat_index: int) -> str:
         offset = 0
         for path, shape, size in zip(self.out_paths, self.out_shapes, self.out_sizes, strict=True):
@@ -498,9 +556,18 @@ class _Problem:
 
 
 def _as_array(x):
-    if isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, bool, complex)):
+    # Python floats are differentiable inputs; Python ints and bools stay static (see
+    # _is_static), as they do for jax.grad.
+    if isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)) and not isinstance(
+        x, bool
+    ):
         return jnp.asarray(x)
     return x
+
+
+def _is_static(x) -> bool:
+    """Whether an argument leaf is passed to f as it is, not traced: anything but an array."""
+    return not isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def _normalise_argnums(argnums, num_args: int) -> tuple[int, ...]:
@@ -557,23 +624,35 @@ class _Judged:
     gap: np.ndarray
     allowed: np.ndarray
     scale: np.ndarray
-    reason: np.ndarray  # for inconclusive: 0 noisy, 1 kink, 2 non-finite
+    reason: np.ndarray  # for inconclusive: 0 noisy, 1 kink, 2 non-finite, 3 kink inside the step
 
 
-def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol, reference_eps) -> _Judged:
+def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol, context=0.0) -> _Judged:
+    """Judges autodiff against finite differences, elementwise.
+
+    ``scale`` is the size the tolerance is relative to (per output leaf, so a large output does
+    not hide a small one); ``context`` is the typical size of the derivatives of ``f`` along the
+    same directions, which an error bar must be small against for a comparison to count.
+    """
     a = np.asarray(autodiff, np.float64)
     d = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), derivative)
+    finite = (
+        np.asarray(d.finite, bool)
+        & np.isfinite(a)
+        & np.isfinite(d.value)
+        & np.isfinite(d.error)
+        & np.isfinite(scale)
+    )
     gap = np.abs(a - d.value)
     tol_ad = rtol * scale + atol
     allowed = 3.0 * d.error + tol_ad
-    finite = np.asarray(d.finite, bool) & np.isfinite(a)
     kink = np.abs(d.right - d.left) > 3.0 * (d.side_error + d.error) + tol_ad
     lo, hi = np.minimum(d.left, d.right), np.maximum(d.left, d.right)
     inside = (a >= lo - allowed) & (a <= hi + allowed)
-    # Too noisy: the error bar is a large fraction of the value and above the resolution a
-    # finite difference can reach at all (sqrt(eps) relative to |f|).
-    noise_floor = np.sqrt(reference_eps) * d.magnitude
-    noisy = 3.0 * d.error > np.maximum(0.1 * (np.abs(d.value) + scale), noise_floor) + atol
+    # Too noisy: the error bar is a large fraction of the derivative. An error bar at the
+    # resolution limit of finite differences (about sqrt(eps) |f|) is no excuse: if the
+    # derivative is smaller than that, finite differences cannot tell a right rule from a wrong one.
+    noisy = 3.0 * d.error > 0.1 * (np.abs(d.value) + scale + context) + atol
     status = np.where(
         ~finite,
         2,
@@ -592,6 +671,35 @@ def _judge(autodiff, derivative: fd.Derivative, scale, rtol, atol, reference_eps
 _STATUS_VERDICT = {0: "pass", 1: "pass", 2: "inconclusive", 3: "fail"}
 
 
+def _rms(values) -> float:
+    """The RMS of the finite, nonzero entries of ``values`` (0 if there are none)."""
+    values = np.asarray(values, np.float64)
+    moved = values[(values != 0) & np.isfinite(values)]
+    return float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
+
+
+#: how much smaller the step of the second look at a failing comparison is.
+SMALL_STEP_FACTOR = 2.0**-10
+
+
+def _recheck(judged: _Judged, small: _Judged) -> _Judged:
+    """Second look at failing comparisons with a much smaller step: a kink inside the step.
+
+    A kink (``relu`` of a value near 0) within the step makes finite differences wrong while
+    their error bar stays small, since the error bar assumes ``f`` smooth across the step. If the
+    smaller step agrees with autodiff, or finds the kink itself, the failure is a kink inside
+    the default step and the comparison is inconclusive; a wrong rule disagrees at any step.
+    """
+    failed = judged.status == 3
+    agrees = failed & (small.status <= 1)
+    kink = failed & (small.status == 2) & (small.reason == 1)
+    return dataclasses.replace(
+        judged,
+        status=np.where(agrees | kink, 2, judged.status),
+        reason=np.where(agrees, 3, np.where(kink, 1, judged.reason)),
+    )
+
+
 def _note(status: int, reason: int, left: float, right: float, autodiff: float) -> str:
     if status == 1:
         return (
@@ -604,8 +712,17 @@ def _note(status: int, reason: int, left: float, right: float, autodiff: float) 
             f"autodiff value {autodiff:.4g} is not between them; f is not differentiable here, "
             "move the point off the kink to check the rule"
         )
+    if status == 2 and reason == 3:
+        return (
+            "kink inside the finite-difference step: f is not smooth on the scale of the step "
+            f"(a relu input near 0?); with a {1 / SMALL_STEP_FACTOR:.0f} times smaller step "
+            "finite differences agree with autodiff; move the point away from the kink to check"
+        )
     if status == 2 and reason == 2:
-        return "finite differences produced NaN/Inf (does the step leave the domain of f?)"
+        return (
+            "finite differences produced NaN/Inf: a step leaves the domain of f (or overflows), "
+            "so this comparison cannot be made; check at a point farther from the boundary"
+        )
     if status == 2:
         return "finite differences too noisy to decide: error bar above 10% of the value"
     if status == 3:
@@ -739,18 +856,30 @@ class _Checker:
             return self._eps
         with _reference_context(self.o.use_float64):
             leaves = [jnp.asarray(x, self.o.reference_dtype) for x in self.leaves64]
-            args = self.p.rebuild(leaves, cast=self.o.reference_dtype)
-            out = jax.eval_shape(lambda *a: self.p.f(*a), *args)
+            reference = self.o.reference_dtype
+            out = jax.eval_shape(lambda ls: self.p.f(*self.p.rebuild(ls, cast=reference)), leaves)
         dtypes = [o.dtype for o in jax.tree_util.tree_leaves(out) if _is_float(o)]
         # f may compute in a narrower dtype than its inputs (hard-coded float32 constants).
         self._eps = max(fd.machine_epsilon(d) for d in dtypes)
         return self._eps
 
-    def _evaluate_fd(self, tangents64: list[np.ndarray], cotangents64: np.ndarray, leaf_ids):
-        """FD along a batch of tangents: returns (vector Derivative, projected Derivative)."""
+    def _evaluate_fd(
+        self,
+        tangents64: list[np.ndarray],
+        cotangents64: np.ndarray,
+        leaf_ids,
+        step_factor: float = 1.0,
+    ):
+        """FD along a batch of tangents: returns (vector Derivative, projected Derivative).
+
+        ``step_factor`` scales the steps (the second look at a failing comparison).
+        """
         hs = np.stack(
             [
-                fd.steps(fd.base_step(self.o.reference_dtype) * self.scales[i], self.o.num_steps)
+                fd.steps(
+                    fd.base_step(self.o.reference_dtype) * self.scales[i] * step_factor,
+                    self.o.num_steps,
+                )
                 for i in leaf_ids
             ]
         )
@@ -822,16 +951,40 @@ class _Checker:
         forward, reverse = self._evaluate_ad(tangents, cot_draw, want_fwd, want_rev)
         vector, projected = self._evaluate_fd(tangents, cotangents, leaf_ids)
         self.tangents, self.cotangents, self.reverse_grads = tangents, cot_draw, reverse
+        # Finite differences with a much smaller step, computed only if a comparison fails.
+        small_step = None
+
+        def small_step_fd():
+            nonlocal small_step
+            if small_step is None:
+                small_step = self._evaluate_fd(
+                    tangents, cotangents, leaf_ids, step_factor=SMALL_STEP_FACTOR
+                )
+            return small_step
+
+        self._small_step = small_step_fd
         rtol, atol = self.o.rtol, self.o.atol
+        # Whether an error bar is small is judged against the derivatives of all of f.
+        forward_context = _rms(vector.value)
+        reverse_context = _rms(projected.value)
+        self._context = (forward_context, reverse_context)
         for i, path in enumerate(self.p.paths):
             rows = [b for b in range(batch) if leaf_ids[b] == i]
             if want_fwd:
                 fwd_ad = np.asarray(forward[rows], np.float64)
                 der = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], vector)
                 value = np.asarray(der.value)
-                moved = value[value != 0]
-                rms = float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
-                judged = _judge(fwd_ad, der, np.abs(value) + rms, rtol, atol, self._reference_eps())
+                scale = np.abs(value) + self.p.output_scale(value)
+                judged = _judge(fwd_ad, der, scale, rtol, atol, forward_context)
+                if (judged.status == 3).any():
+                    small = np.asarray(self._small_step()[0].value)[rows]
+                    small_der = jax.tree_util.tree_map(
+                        lambda x, rows=rows: x[rows], self._small_step()[0]
+                    )
+                    scale = np.abs(small) + self.p.output_scale(small)
+                    judged = _recheck(
+                        judged, _judge(fwd_ad, small_der, scale, rtol, atol, forward_context)
+                    )
                 self._add_row("forward", i, path, judged, fwd_ad, der, rows, vector_output=True)
             if want_rev:
                 grads = [np.asarray(reverse[i][b % num_probes], np.float64) for b in rows]
@@ -842,13 +995,16 @@ class _Checker:
                 )
                 der = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], projected)
                 judged = _judge(
-                    rev_ad,
-                    der,
-                    np.abs(np.asarray(der.value)) + scale,
-                    rtol,
-                    atol,
-                    self._reference_eps(),
+                    rev_ad, der, np.abs(np.asarray(der.value)) + scale, rtol, atol, reverse_context
                 )
+                if (judged.status == 3).any():
+                    small = jax.tree_util.tree_map(
+                        lambda x, rows=rows: x[rows], self._small_step()[1]
+                    )
+                    small_scale = np.abs(np.asarray(small.value)) + scale
+                    judged = _recheck(
+                        judged, _judge(rev_ad, small, small_scale, rtol, atol, reverse_context)
+                    )
                 self._add_row("reverse", i, path, judged, rev_ad, der, rows, vector_output=False)
 
     def _add_row(self, mode, leaf, path, judged: _Judged, ad, der, rows, *, vector_output):
@@ -996,13 +1152,13 @@ class _Checker:
             a = float(np.sum(grad * direction))
             der = jax.tree_util.tree_map(lambda x: np.asarray(x)[row], projected)
             scale = np.abs(der.value) + np.sqrt(np.sum((grad * direction) ** 2))
-            return a, der, _judge(a, der, scale, rtol, atol, self._reference_eps()), None
+            judged = _judge(a, der, scale, rtol, atol, self._context[1])
+            return a, der, judged, None
         ad = np.asarray(forward[row], np.float64)
         der = jax.tree_util.tree_map(lambda x: np.asarray(x)[row], vector)
         value = np.asarray(der.value)
-        moved = value[value != 0]
-        rms = float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
-        judged = _judge(ad, der, np.abs(value) + rms, rtol, atol, self._reference_eps())
+        scale = np.abs(value) + self.p.output_scale(value)
+        judged = _judge(ad, der, scale, rtol, atol, self._context[0])
         k = int(np.argmax(np.where(np.isfinite(judged.ratio), judged.ratio, np.inf)))
         pick = jax.tree_util.tree_map(lambda x: np.asarray(x)[k], der)
         single = _Judged(
@@ -1149,7 +1305,9 @@ class _Checker:
 
     def _full_compare(self, mode, leaf, path, ad_jac, fd_jac, fd_err):
         rtol, atol = self.o.rtol, self.o.atol
-        rms = np.sqrt(np.mean(fd_jac**2, axis=1, keepdims=True))
+        finite = np.isfinite(fd_jac)
+        counts = np.maximum(finite.sum(axis=1, keepdims=True), 1)
+        rms = np.sqrt(np.sum(np.where(finite, fd_jac, 0.0) ** 2, axis=1, keepdims=True) / counts)
         scale = np.abs(fd_jac) + rms
         gap = np.abs(ad_jac - fd_jac)
         allowed = 3 * fd_err + rtol * scale + atol
@@ -1186,9 +1344,13 @@ class _Checker:
             _vector, projected = self._evaluate_fd(tangents, cot, [leaf])
             der = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], projected)
             a = float(ad_jac[out_index, element])
-            judged = _judge(
-                a, der, float(scale[out_index, element]), rtol, atol, self._reference_eps()
-            )
+            judged = _judge(a, der, float(scale[out_index, element]), rtol, atol, _rms(fd_jac))
+            if judged.status == 3:
+                _, small = self._evaluate_fd(tangents, cot, [leaf], SMALL_STEP_FACTOR)
+                small = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], small)
+                small_scale = abs(float(small.value)) + float(rms[out_index, 0])
+                small_judged = _judge(a, small, small_scale, rtol, atol, _rms(fd_jac))
+                judged = _recheck(judged, small_judged)
             statuses.append(
                 (int(judged.status), float(judged.ratio), out_index, element, a, der, judged)
             )
@@ -1267,7 +1429,9 @@ def _project(center, plus, minus, weights):
 # Second derivatives: check the derivative functions themselves
 
 
-def _derived_problems(problem: _Problem, seed: int) -> list[tuple[str, _Problem]]:
+def _derived_problems(
+    problem: _Problem, seed: int, modes: Sequence[str]
+) -> list[tuple[str, _Problem]]:
     """The reverse (VJP) and forward (JVP) derivative functions of f, as new problems."""
     rng = np.random.default_rng(seed + 1)
     cot = rng.standard_normal(problem.num_outputs).astype(problem.out_dtype)
@@ -1292,7 +1456,18 @@ def _derived_problems(problem: _Problem, seed: int) -> list[tuple[str, _Problem]
     vjp_function.__name__ = f"vjp_of_{problem.name}"
     jvp_function.__name__ = f"jvp_of_{problem.name}"
     derived = []
+    blocking = _custom_vjp_names(problem.jaxpr.jaxpr)
     for label, fn in (("reverse", vjp_function), ("forward", jvp_function)):
+        if label == "forward" and blocking:
+            # The JVP function of f cannot even be traced; its checks are skipped, as forward
+            # mode is at order 1.
+            problem.skipped += [
+                f"{mode} over forward mode at order 2: not available, {problem.name} calls "
+                f"jax.custom_vjp function(s) {sorted(blocking)}, which JAX cannot differentiate "
+                "in forward mode"
+                for mode in modes
+            ]
+            continue
         sub = _Problem(fn, tuple(problem.leaves), None)
         sub.paths = list(problem.paths)
         derived.append((label, sub))
@@ -1416,7 +1591,7 @@ def check_grads(
     candidates = []
     checked = [(1, "", problem)]
     if order == 2:
-        checked += [(2, label, sub) for label, sub in _derived_problems(problem, seed)]
+        checked += [(2, label, sub) for label, sub in _derived_problems(problem, seed, modes)]
     failing_problem = None
     for check_order, prefix, prob in checked:
         checker = _Checker(prob, options, check_order, prefix)

@@ -959,7 +959,7 @@ def locate_gradient_error(
       >>> location.culprit is None
       True
     """
-    from gradkit._gradcheck import _TRACE_ERRORS, _normalise_argnums
+    from gradkit._gradcheck import _TRACE_ERRORS, _as_array, _is_static, _normalise_argnums
 
     if not callable(f):
         raise TypeError(f"locate_gradient_error: f must be callable, got {type(f).__name__}")
@@ -970,30 +970,37 @@ def locate_gradient_error(
     use64 = float64 and fd.float64_available()
     context = jax.enable_x64(True) if use64 else _Null()
     with context:
-        cast = [
-            jax.tree_util.tree_map(
-                lambda x: jnp.asarray(x, jnp.float64) if use64 and _is_float(x) else jnp.asarray(x),
-                a,
-            )
-            for a in args
-        ]
-        diff = [cast[i] for i in selected]
 
-        def program(*diff_args):
+        def convert(x):
+            # Python ints, bools and other non-arrays stay static, as they do for jax.grad.
+            x = _as_array(x)
+            if _is_static(x):
+                return x
+            return jnp.asarray(x, jnp.float64) if use64 and _is_float(x) else jnp.asarray(x)
+
+        cast = [jax.tree_util.tree_map(convert, a) for a in args]
+        flat = [jax.tree_util.tree_flatten(cast[i]) for i in selected]
+        inputs = [(k, j) for k, (ls, _) in enumerate(flat) for j, x in enumerate(ls)]
+        inputs = [(k, j) for k, j in inputs if not _is_static(flat[k][0][j])]
+
+        def program(*values):
+            leaves = [list(ls) for ls, _ in flat]
+            for (k, j), value in zip(inputs, values, strict=True):
+                leaves[k][j] = value
             full = list(cast)
-            for i, a in zip(selected, diff_args, strict=True):
-                full[i] = a
+            for i, ls, (_, treedef) in zip(selected, leaves, flat, strict=True):
+                full[i] = jax.tree_util.tree_unflatten(treedef, ls)
             return f(*full)
 
+        flat_inputs = [flat[k][0][j] for k, j in inputs]
         try:
-            closed = jax.make_jaxpr(program)(*diff)
+            closed = jax.make_jaxpr(program)(*flat_inputs)
         except _TRACE_ERRORS as error:
             raise TypeError(
                 f"locate_gradient_error: {name} cannot be traced by JAX: "
                 f"{type(error).__name__}: {str(error).splitlines()[0]}"
             ) from error
         walker = _Walker(seed)
-        flat_inputs = jax.tree_util.tree_leaves(diff)
         walker.walk(closed.jaxpr, closed.consts, flat_inputs, ())
     return GradientLocation(
         culprit=walker.culprit,

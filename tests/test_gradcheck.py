@@ -366,3 +366,101 @@ def test_default_tolerances_follow_the_dtype():
     assert default_rtol(np.float32) == pytest.approx(4 * math.sqrt(np.finfo(np.float32).eps))
     assert default_rtol(np.float64) < 1e-7 < default_rtol(np.float32) < 2e-3
     assert fd.base_step(np.float64) == pytest.approx(np.finfo(np.float64).eps ** 0.2)
+
+
+# ---- regressions
+
+
+def _sin_with_factor(factor):
+    @jax.custom_jvp
+    def wrong_sin(x):
+        return jnp.sin(x)
+
+    wrong_sin.defjvp(lambda p, t: (jnp.sin(p[0]), factor * jnp.cos(p[0]) * t[0]))
+    return wrong_sin
+
+
+@pytest.mark.parametrize("method", ["directional", "full"])
+def test_nan_finite_difference_is_inconclusive_for_that_element_only(method):
+    with jax.enable_x64(True):
+        report = check_grads(jnp.sqrt, jnp.asarray([1e-6, 1.0]), method=method)
+    assert report.verdict == "inconclusive", str(report)
+    assert any("leaves the domain of f" in row.note for row in report.rows), str(report)
+    assert all(row.verdict != "fail" for row in report.rows)
+
+
+def test_error_bar_larger_than_the_derivative_does_not_pass():
+    # AD 0 against FD 0.0013 +- 0.0019: finite differences cannot resolve the derivative.
+    with jax.enable_x64(True):
+        wrong = _sin_with_factor(0.0)
+        report = check_grads(lambda x: jnp.sum(1e8 + 1e-3 * wrong(x)), jnp.linspace(0.1, 1.0, 4))
+    assert report.verdict == "inconclusive", str(report)
+
+
+@pytest.mark.parametrize("method", ["directional", "full"])
+def test_large_output_does_not_hide_a_wrong_rule_in_a_small_one(method):
+    wrong = _sin_with_factor(2.0)
+    report = check_grads(
+        lambda x: {"loss": 1e3 * jnp.sum(x**2), "feature": wrong(x)},
+        jnp.linspace(0.1, 1.0, 8),
+        method=method,
+    )
+    assert report.verdict == "fail", str(report)
+    assert "output['feature']" in (report.worst.output or "")
+
+
+def test_second_order_of_a_custom_vjp_function_checks_reverse_over_reverse():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.cos(x) * g,))
+    report = check_grads(f, jnp.linspace(0.1, 1.0, 4), order=2, modes="reverse")
+    assert report.ok, str(report)
+    assert {row.mode for row in report.rows} == {"reverse", "reverse over reverse"}
+    assert any("reverse over forward mode at order 2: not available" in s for s in report.skipped)
+
+
+def test_python_ints_bools_and_strings_are_static_arguments():
+    x = jnp.linspace(0.1, 1.0, 4)
+    assert check_grads(lambda a, n: sum(a[i] for i in range(n)), x, 2).ok
+    assert check_grads(lambda a, n: jnp.sum(jnp.tile(a, n)), x, 2).ok
+
+    def reduce(a, how, square):
+        y = a**2 if square else a
+        return jnp.sum(y) if how == "sum" else jnp.mean(y)
+
+    report = check_grads(reduce, x, "sum", True)
+    assert report.ok
+    assert any("how: Python str 'sum'" in s for s in report.skipped)
+    wrong = _sin_with_factor(-1.0)
+    failing = check_grads(lambda a, n: jnp.sum(jnp.tile(wrong(a), n)), x, 3, locate=True)
+    assert failing.verdict == "fail"
+    assert failing.location.culprit is not None
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_kink_inside_the_step_is_inconclusive_not_a_failure(x64):
+    with jax.enable_x64(x64):
+        for seed in (0, 1, 2):
+            report = check_grads(jax.nn.relu, jnp.array([1e-5, -1e-5, 0.3]), seed=seed)
+            assert report.verdict in ("pass", "inconclusive"), str(report)
+        report = check_grads(jax.nn.relu, jnp.array([1e-5, -1e-5, 0.3]), modes="reverse")
+    assert "kink inside the finite-difference step" in report.rows[0].note, str(report)
+
+
+def test_relu_mlp_near_kinks_does_not_fail_in_float64():
+    def mlp(p, x):
+        return jnp.mean((jax.nn.relu(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]) ** 2)
+
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        p = {
+            "W1": jnp.asarray(rng.standard_normal((20, 64)) / np.sqrt(20)),
+            "b1": jnp.zeros(64),
+            "W2": jnp.asarray(rng.standard_normal((64, 1)) / 8),
+            "b2": jnp.zeros(1),
+        }
+        x = jnp.asarray(rng.standard_normal((32, 20)))
+        report = check_grads(mlp, p, x, argnums=0)
+    assert report.verdict in ("pass", "inconclusive"), str(report)
