@@ -194,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     def fit_iterable(steps: int, warmup: int = 0) -> float:
         return timed_fit(device_batches, None, steps, warmup)
 
+    def timed_steps(step, p, opt_state, steps: int) -> tuple[float, object, object]:
+        """Seconds for ``steps`` calls of ``step`` over the device batches, and the new state."""
+        jax.block_until_ready(p)
+        start = time.perf_counter()
+        for i in range(steps):
+            inputs, labels = device_batches[i % len(device_batches)]
+            p, opt_state, out = step(p, opt_state, inputs, labels)
+        jax.block_until_ready((p, out))
+        return time.perf_counter() - start, p, opt_state
+
     def paired_monitor_rounds(rounds: int, block: int) -> dict[str, list[float]]:
         """Seconds per round of ``block`` steps for the plain loop and each monitor.
 
@@ -221,14 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_block(name: str) -> float:
             step, p, opt_state = runners[name]
-            jax.block_until_ready(p)
-            start = time.perf_counter()
-            for i in range(block):
-                inputs, labels = device_batches[i % len(device_batches)]
-                p, opt_state, loss = step(p, opt_state, inputs, labels)
-            jax.block_until_ready((p, loss))
+            elapsed, p, opt_state = timed_steps(step, p, opt_state, block)
             runners[name] = (step, p, opt_state)
-            return time.perf_counter() - start
+            return elapsed
 
         runners = {name: (make_step(tx), params, tx.init(params)) for name, tx in monitors.items()}
         for name in monitors:  # compile, and start every monitor's count at the same step
@@ -263,15 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                     return new_params, opt_state, (loss, optax.tree.norm(grads))
 
                 state[:] = [params, optimizer.init(params)]
-            p, opt_state = state
-            jax.block_until_ready(p)
-            start = time.perf_counter()
-            for i in range(steps):
-                inputs, labels = device_batches[i % len(device_batches)]
-                p, opt_state, metrics = train_step(p, opt_state, inputs, labels)
-            jax.block_until_ready((p, metrics))
+            elapsed, p, opt_state = timed_steps(train_step, *state, steps)
             state[:] = [p, opt_state]
-            return time.perf_counter() - start
+            return elapsed
 
         runs = {
             "hand-written loop + grad norm": hand,
