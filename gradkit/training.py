@@ -103,7 +103,7 @@ class TrainState:
         _check_optimizer(optimizer)
         # Strongly typed: a weakly typed leaf (a Python float) comes back from the first step
         # strongly typed, and the step would be traced again for the new input types.
-        params = jax.tree_util.tree_map(_strong, params)
+        params = jax.tree_util.tree_map(_health._strong_array, params)
         return cls(
             params=params,
             opt_state=optimizer.init(params),
@@ -217,24 +217,22 @@ def tutorial_momentum(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _strong(leaf: Any) -> jax.Array:
-    """``jnp.asarray(leaf)`` without a weak type (Python scalars give weakly typed arrays)."""
-    array = jnp.asarray(leaf)
-    if getattr(array, "weak_type", False):
-        array = jnp.asarray(array, dtype=array.dtype)
-    return array
+def _is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a concrete real scalar: a Python, NumPy or JAX int or float (not a
+    bool, not an array with more than one element)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float | np.number | np.ndarray | jax.Array)
+        and np.shape(value) == ()
+        and np.asarray(value).dtype.kind in "iuf"
+    )
 
 
 def _real_scalar(value: Any, argument: str, alternative: str = "") -> float | None:
     """Returns ``value`` as a float, ``None`` for a traced scalar; refuses anything else."""
     if isinstance(value, jax.core.Tracer) and jnp.shape(value) == ():
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.number | np.ndarray | jax.Array)
-        or np.shape(value) != ()
-        or np.asarray(value).dtype.kind not in "iuf"
-    ):
+    if not _is_real_number(value):
         also = f" {alternative}" if alternative else ""
         raise TypeError(
             f"tutorial_momentum: {argument} must be a real number{also}, got {value!r} of type "
@@ -461,12 +459,8 @@ def _validate_step_arguments(loss_fn: Any, optimizer: Any, clip_global_norm: flo
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
     _check_optimizer(optimizer)
-    if clip_global_norm is not None and (
-        isinstance(clip_global_norm, bool)
-        or not isinstance(clip_global_norm, int | float | np.number | np.ndarray | jax.Array)
-        or np.shape(clip_global_norm) != ()
-        or np.asarray(clip_global_norm).dtype.kind not in "iuf"
-        or not clip_global_norm > 0
+    if clip_global_norm is not None and not (
+        _is_real_number(clip_global_norm) and clip_global_norm > 0
     ):
         raise ValueError(f"clip_global_norm must be a positive number, got {clip_global_norm!r}")
 
