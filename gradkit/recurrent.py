@@ -1060,7 +1060,7 @@ class RNN:
                 return ys[0] if self.backwards else ys[-1]
             # Each sequence's last step that ran, in processing order (its outputs after that
             # are zero): Lasagne returns the hidden state carried past the padding.
-            ran = mask != 0  # as scan reads the mask: any nonzero value runs the step
+            ran = _as_mask(mask, mask.shape[0])  # as scan reads it: nonzero runs the step
             last = (
                 jnp.argmax(ran, axis=0)
                 if self.backwards
