@@ -962,7 +962,6 @@ class _Checker:
                 )
             return small_step
 
-        self._small_step = small_step_fd
         rtol, atol = self.o.rtol, self.o.atol
         # Whether an error bar is small is judged against the derivatives of all of f.
         forward_context = _rms(vector.value)
@@ -977,10 +976,10 @@ class _Checker:
                 scale = np.abs(value) + self.p.output_scale(value)
                 judged = _judge(fwd_ad, der, scale, rtol, atol, forward_context)
                 if (judged.status == 3).any():
-                    small = np.asarray(self._small_step()[0].value)[rows]
                     small_der = jax.tree_util.tree_map(
-                        lambda x, rows=rows: x[rows], self._small_step()[0]
+                        lambda x, rows=rows: x[rows], small_step_fd()[0]
                     )
+                    small = np.asarray(small_der.value)
                     scale = np.abs(small) + self.p.output_scale(small)
                     judged = _recheck(
                         judged, _judge(fwd_ad, small_der, scale, rtol, atol, forward_context)
@@ -998,9 +997,7 @@ class _Checker:
                     rev_ad, der, np.abs(np.asarray(der.value)) + scale, rtol, atol, reverse_context
                 )
                 if (judged.status == 3).any():
-                    small = jax.tree_util.tree_map(
-                        lambda x, rows=rows: x[rows], self._small_step()[1]
-                    )
+                    small = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], small_step_fd()[1])
                     small_scale = np.abs(np.asarray(small.value)) + scale
                     judged = _recheck(
                         judged, _judge(rev_ad, small, small_scale, rtol, atol, reverse_context)

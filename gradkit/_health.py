@@ -2291,11 +2291,14 @@ def _clipped(base, findings, reference):
         copy = dataclasses.replace(la, symptoms=[])
         if copy.grad_norm is not None and math.isfinite(copy.grad_norm):
             copy.grad_norm *= factor
-        elif copy.grad_norm is None and copy.cotangent_norm is not None:
+        elif (
+            copy.grad_norm is None
+            and copy.cotangent_norm is not None
+            and math.isfinite(copy.cotangent_norm)
+        ):
             # A layer without parameters is judged by its cotangent: scaled alike, so that it
             # keeps its standing relative to the others (clipping moves every norm together).
-            if math.isfinite(copy.cotangent_norm):
-                copy.cotangent_norm *= factor
+            copy.cotangent_norm *= factor
         layers.append(copy)
     new_findings = _judge(layers, reference)
     return _recommendation(
