@@ -161,6 +161,13 @@ def _demo(args: argparse.Namespace) -> int:
             return 2
         scenarios = tuple(s for s in SCENARIOS if s.name in args.only)
     out_dir = Path(args.out).resolve()
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        print(
+            f"gradkit demo: --out {args.out} cannot be a folder: {blocked} is a file",
+            file=sys.stderr,
+        )
+        return 2
     print(f"gradkit {gradkit.__version__} demo: {len(scenarios)} scenario(s), files in {out_dir}")
     failures = 0
     for scenario in scenarios:

@@ -37,6 +37,17 @@ def test_demo_rejects_unknown_scenario(capsys, tmp_path):
     assert "unknown scenario" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_demo_refuses_an_out_folder_that_is_or_lies_under_a_file(capsys, tmp_path, below):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    out = a_file / below if below else a_file
+    assert cli.main(["demo", "--only", "derivatives", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be a folder" in err and str(a_file) in err
+    assert a_file.read_text() == "not a folder"
+
+
 def test_every_scenario_script_exists():
     for scenario in cli.SCENARIOS:
         assert (cli.examples_dir() / scenario.script).is_file(), scenario.script
