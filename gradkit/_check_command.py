@@ -8,8 +8,10 @@ A function opts in with :func:`gradcheck_target`, giving a factory of example ar
 ``gradkit check TARGET`` then imports the target, builds the arguments, runs
 :func:`gradkit.diagnostics.check_grads` (with ``locate=True``), prints each report and exits with
 status 0 only if every check passes. ``TARGET`` is ``package.module:function``,
-``path/to/file.py::function``, or a module or file, in which case every decorated function in it is
-checked.
+``path/to/file.py::function``, or a module or file, in which case every decorated function it
+defines is checked (one it imports from another module is that module's to check; a package
+counts its own modules' functions as its own). A target that cannot be imported, raises while it
+is imported, or holds no decorated function exits with status 2.
 """
 
 from __future__ import annotations
@@ -110,9 +112,19 @@ def _import_file(path: Path) -> ModuleType:
     sys.path.insert(0, str(path.resolve().parent))
     try:
         spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise TargetError(f"cannot import {path}: {_import_failure(error)}") from error
     finally:
         sys.path.remove(str(path.resolve().parent))
     return module
+
+
+def _import_failure(error: Exception) -> str:
+    """The exception an import raised, and the line that raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 def _import_module(name: str) -> ModuleType:
@@ -120,8 +132,8 @@ def _import_module(name: str) -> ModuleType:
         sys.path.insert(0, str(Path.cwd()))
     try:
         return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        raise TargetError(f"cannot import module {name!r}: {error}") from error
+    except Exception as error:  # not found, or the module raised while it was imported
+        raise TargetError(f"cannot import module {name!r}: {_import_failure(error)}") from error
 
 
 def _attribute(module: ModuleType, dotted: str, target: str) -> Callable:
@@ -138,14 +150,14 @@ def resolve(target: str) -> list[tuple[str, Callable]]:
 
     Args:
       target: ``package.module:function``, ``path/to/file.py::function``, a module name or a
-        ``.py`` file (all its ``@gradcheck_target`` functions).
+        ``.py`` file (the ``@gradcheck_target`` functions it defines).
 
     Returns:
       The functions to check, each with a display name.
 
     Raises:
-      TargetError: the module, file or function does not exist, a named function is not
-        decorated, or a module holds no decorated function.
+      TargetError: the module, file or function does not exist or raises when imported, a
+        named function is not decorated, or a module defines no decorated function.
     """
     if "::" in target:
         file, _, name = target.partition("::")
@@ -167,14 +179,37 @@ def resolve(target: str) -> list[tuple[str, Callable]]:
     return functions
 
 
+def _defined_in(obj: Any, module: ModuleType) -> bool:
+    """Whether ``obj`` was defined in ``module`` (or, for a package, in one of its modules)."""
+    home = getattr(obj, "__module__", None)
+    if not isinstance(home, str):
+        return True  # no record of where it comes from: take it
+    package = hasattr(module, "__path__")
+    return home == module.__name__ or (package and home.startswith(module.__name__ + "."))
+
+
 def _decorated(module: ModuleType, target: str) -> list[tuple[str, Callable]]:
-    found = [
-        (f"{target}:{name}" if not target.endswith(".py") else f"{target}::{name}", obj)
+    """The decorated functions a module or file defines; those it imports from elsewhere are
+    left to their own module (a package's own modules count as its own), so that checking
+    several files does not check an imported function twice."""
+    decorated = [
+        (name, obj)
         for name, obj in vars(module).items()
         if callable(obj) and hasattr(obj, TARGET_ATTRIBUTE)
     ]
+    separator = "::" if target.endswith(".py") else ":"
+    found = [
+        (f"{target}{separator}{name}", obj) for name, obj in decorated if _defined_in(obj, module)
+    ]
     if not found:
-        raise TargetError(f"{target} defines no function decorated with @gradcheck_target")
+        imported = sorted({f"{obj.__module__}.{name}" for name, obj in decorated})
+        hint = (
+            f" (it imports {', '.join(imported)}: name that module, or the function as "
+            f"{target}{separator}NAME)"
+            if imported
+            else ""
+        )
+        raise TargetError(f"{target} defines no function decorated with @gradcheck_target{hint}")
     return found
 
 

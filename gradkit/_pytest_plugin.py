@@ -15,7 +15,10 @@ Command-line options (defaults for every ``gradcheck`` call of the run):
 * ``--gradcheck-seed N``;
 * ``--gradcheck-allow-inconclusive``: do not fail on inconclusive checks (kinks).
 
-gradkit is imported only when the fixture is used, so the plugin costs nothing elsewhere.
+gradkit is imported only when the fixture is used, so the plugin costs nothing elsewhere. With
+plugin autoloading turned off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``) enable it by its entry-point
+name, ``pytest -p gradkit``; naming the module instead (``-p gradkit._pytest_plugin``, or
+``pytest_plugins`` in a conftest) while autoloading is on registers it twice, which pytest refuses.
 """
 
 from __future__ import annotations

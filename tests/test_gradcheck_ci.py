@@ -135,6 +135,58 @@ def test_bad_targets_exit_2_with_a_message(targets_file, capsys):
         _check_command.resolve("json")
 
 
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_a_target_that_raises_on_import_exits_2_naming_the_error_and_line(
+    tmp_path, capsys, monkeypatch, kind
+):
+    path = tmp_path / "broken_targets.py"
+    path.write_text("import jax\n\nraise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = str(path) if kind == "file" else "broken_targets"
+    assert cli.main(["check", target]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom at import" in err and f"{path}:3" in err
+    assert "Traceback" not in err
+
+
+def test_a_file_target_checks_only_the_functions_it_defines(targets_file, capsys, monkeypatch):
+    importer = targets_file.parent / "importing_targets.py"
+    importer.write_text(
+        textwrap.dedent(
+            """
+            import jax.numpy as jnp
+
+            import gradkit.diagnostics as gd
+            from gradient_targets import good
+
+
+            @gd.gradcheck_target(lambda: jnp.ones(3))
+            def own(x):
+                return jnp.sum(x**2)
+            """
+        )
+    )
+    names = [name for name, _ in _check_command.resolve(str(importer))]
+    assert names == [f"{importer}::own"]
+    # Both files on one command line: the imported `good` is checked once, from its own file.
+    assert cli.main(["check", str(targets_file), str(importer), "--no-locate"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("::good\n") == 1 and "2 of 4 gradient check(s) passed" in out
+    only_imports = targets_file.parent / "only_imports.py"
+    only_imports.write_text("from gradient_targets import good\n")
+    with pytest.raises(_check_command.TargetError, match="it imports gradient_targets.good"):
+        _check_command.resolve(str(only_imports))
+    # A package's own modules count as its own: re-exports from them are checked.
+    package = targets_file.parent / "targets_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("from targets_package.inner import good\n")
+    (package / "inner.py").write_text(targets_file.read_text())
+    monkeypatch.syspath_prepend(str(targets_file.parent))
+    assert [name for name, _ in _check_command.resolve("targets_package")] == [
+        "targets_package:good"
+    ]
+
+
 def test_check_command_is_listed_in_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
