@@ -72,7 +72,8 @@ class _VarianceScaling:
         self.__name__ = name
         self.__doc__ = (
             f"``jax.nn.initializers.{factory.__name__}``: call as ``{name}(key, shape, dtype)`` "
-            f"or configure with ``{name}(in_axis=..., out_axis=..., batch_axis=...)``."
+            f"or configure with ``{name}(in_axis=..., out_axis=..., batch_axis=..., "
+            "dtype=...)``."
         )
 
     def __call__(
@@ -83,8 +84,10 @@ class _VarianceScaling:
         **config: Any,
     ) -> Any:
         if key is None:
-            if shape is not None or dtype is not None:
+            if shape is not None:
                 raise TypeError(f"{self._name}: pass a PRNG key first: {self._name}(key, shape)")
+            if dtype is not None:  # jax's configuration keyword: the default dtype
+                config = {**config, "dtype": dtype}
             return _VarianceScaling(self._name, self._factory, **{**self._config, **config})
         if config:
             raise TypeError(
@@ -93,7 +96,10 @@ class _VarianceScaling:
             )
         if shape is None:
             raise TypeError(f"{self._name}: missing the shape: {self._name}(key, shape, dtype)")
-        return self._factory(**self._config)(key, tuple(shape), dtype)
+        initializer = self._factory(**self._config)
+        if dtype is None:  # the configured dtype, else jax's default float
+            return initializer(key, tuple(shape))
+        return initializer(key, tuple(shape), dtype)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
@@ -348,14 +354,27 @@ class Dense:
         param_dtype = _check_float_dtype(self.param_dtype, "param_dtype", self._label)
         param_dtype = param_dtype if param_dtype is not None else _default_float()
         w_key, b_key = jax.random.split(key)
-        params = {"kernel": self._initialize(self.w_init, w_key, (in_features, self.features))}
+        kernel_shape = (in_features, self.features)
+        params = {"kernel": self._initialize("w_init", w_key, kernel_shape)}
         if self.use_bias:
-            params["bias"] = self._initialize(self.b_init, b_key, (self.features,))
+            params["bias"] = self._initialize("b_init", b_key, (self.features,))
         return {name: jnp.asarray(value, param_dtype) for name, value in params.items()}
 
-    def _initialize(self, initializer: Initializer, key: jax.Array, shape: tuple[int, ...]):
+    def _initialize(self, argument: str, key: jax.Array, shape: tuple[int, ...]):
+        initializer = getattr(self, argument)
         param_dtype = _check_float_dtype(self.param_dtype, "param_dtype", self._label)
-        value = initializer(key, shape, param_dtype if param_dtype else _default_float())
+        try:
+            value = initializer(key, shape, param_dtype if param_dtype else _default_float())
+        except (TypeError, ValueError) as error:
+            hint = (
+                " (an initializer factory such as normal is called first: normal(0.01))"
+                if isinstance(error, TypeError) and "positional argument" in str(error)
+                else ""
+            )
+            raise type(error)(
+                f"{self._label}: {argument}={initializer!r} failed for the shape {shape}: "
+                f"{error}{hint}"
+            ) from error
         if tuple(jnp.shape(value)) != shape:
             raise ValueError(
                 f"{self._label}: the initializer {initializer!r} returned shape "
@@ -433,6 +452,16 @@ class Dense:
 def _per_layer(value: Any, count: int, argument: str, is_single: Callable[[Any], bool]) -> list:
     if is_single(value):
         return [value] * count
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        expected = (
+            "a gradkit.activations name, a callable or None"
+            if argument == "activations"
+            else "an initializer (key, shape, dtype) -> array"
+        )
+        raise TypeError(
+            f"MLP: {argument} must be {expected}, or a list of them with one per layer "
+            f"({count}); got {value!r}"
+        )
     values = list(value)
     if len(values) != count:
         raise ValueError(

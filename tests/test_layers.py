@@ -254,6 +254,36 @@ def test_variance_scaling_initializers_work_called_or_configured():
     assert layers.xavier_uniform is layers.glorot_uniform
     with pytest.raises(TypeError, match=r"configure first"):
         layers.he_normal(KEY, (2, 2), in_axis=0)
+    # jax's dtype keyword configures the default dtype; a dtype at the call still wins.
+    configured = layers.glorot_uniform(dtype=jnp.bfloat16)
+    expected = jax_init.glorot_uniform(dtype=jnp.bfloat16)(KEY, (5, 7))
+    assert configured(KEY, (5, 7)).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(configured(KEY, (5, 7)), expected)
+    assert configured(KEY, (5, 7), jnp.float32).dtype == jnp.float32
+    with pytest.raises(TypeError, match=r"pass a PRNG key first"):
+        layers.glorot_uniform(shape=(2, 2))
+
+
+def test_an_initializer_that_fails_is_named_with_its_layer_and_shape():
+    uncalled_factory = layers.Dense(3, w_init=layers.normal, name="hidden")
+    with pytest.raises(TypeError, match=r"'hidden': w_init=.*shape \(2, 3\).*normal\(0\.01\)"):
+        uncalled_factory.init(KEY, (2,))
+    kernel_initializer_on_a_bias = layers.Dense(3, b_init=layers.glorot_uniform)
+    with pytest.raises(ValueError, match=r"'dense': b_init=.*shape \(3,\).*at least 2D"):
+        kernel_initializer_on_a_bias.init(KEY, (2,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"activations": 3}, r"activations must be a gradkit.activations name.*got 3"),
+        ({"activations": "relu", "b_init": 0.1}, r"b_init must be an initializer.*got 0.1"),
+        ({"activations": "relu", "w_init": "glorot"}, r"w_init must be an initializer"),
+    ],
+)
+def test_mlp_names_a_per_layer_argument_of_the_wrong_kind(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        layers.MLP([2, 4, 1], **kwargs)
 
 
 def test_initializer_statistics_follow_their_formulas():
