@@ -40,11 +40,12 @@ import dataclasses
 import difflib
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -77,8 +78,9 @@ __all__ = [
 
 # Default of ``Activation.saturation_mask``: a unit is saturated where |f'(x)| is below this
 # fraction of the activation's peak |f'|. The value is sigmoid'(5) / sigmoid'(0), so that for the
-# sigmoid the mask is exactly DeepDiagnosis's rule "|pre-activation| >= 5 is saturated"
-# (Wardat et al., ICSE 2022). For tanh the same fraction is reached at |x| ~= 2.5.
+# sigmoid the mask is DeepDiagnosis's rule "|pre-activation| >= 5 is saturated" (Wardat et al.,
+# ICSE 2022), up to the points +-5 themselves, which fall either side as sigmoid'(+-5) rounds
+# in the input's dtype. For tanh the same fraction is reached at |x| ~= 2.5.
 SATURATION_THRESHOLD = 4.0 * (1.0 / (1.0 + math.exp(-5.0))) * (1.0 - 1.0 / (1.0 + math.exp(-5.0)))
 
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -146,20 +148,27 @@ def _param(value: Any, dtype: Any, function: str, argument: str) -> jax.Array | 
 
 
 def _normalize_axis(axis: Any, ndim: int, function: str) -> tuple[int, ...]:
+    """``axis`` as sorted non-negative ints. A 0-d input is checked as if it had one axis (so
+    ``-1`` and ``0`` are accepted) and normalises over nothing: ``()``."""
     axes = axis if isinstance(axis, tuple) else (axis,)
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+    if not axes or not all(
+        isinstance(a, int | np.integer) and not isinstance(a, bool | np.bool_) for a in axes
+    ):
         raise TypeError(f"{function}: axis must be an int or a tuple of ints; got {axis!r}.")
+    axes = tuple(int(a) for a in axes)
+    scalar, ndim = ndim == 0, max(ndim, 1)
     normalized = []
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"{function}: axis {a} is out of range for an input with {ndim} dimension(s); "
+                f"{function}: axis {a} is out of range for an input with "
+                f"{'0 dimensions (taken as one)' if scalar else f'{ndim} dimension(s)'}; "
                 f"expected an axis in [{-ndim}, {ndim - 1}]."
             )
         normalized.append(a % ndim)
     if len(set(normalized)) != len(normalized):
         raise ValueError(f"{function}: axis {axis!r} repeats an axis.")
-    return tuple(sorted(normalized))
+    return () if scalar else tuple(sorted(normalized))
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +305,7 @@ def _ultra_fast_sigmoid_jvp(primals, tangents):
     a = jnp.abs(0.5 * x)
     rational = 0.375 / jnp.square(1 + a)
     slope = jnp.where(a < _UFS_KNEE, rational, jnp.where(a < _UFS_FLAT, 0.25 * _UFS_SLOPE, 0.0))
+    slope = jnp.where(jnp.isnan(x), x, slope)  # the gradient at a NaN is NaN, not a silent 0
     return _ultra_fast_sigmoid_core(x), slope * t
 
 
@@ -335,8 +345,8 @@ def ultra_fast_sigmoid(x: ArrayLike) -> jax.Array:
         derivative at :math:`|x| = 3.4` is the linear piece's, whose formula defines the value.
       - The gradient is exactly **zero for** :math:`|x| \ge 6`; the output range is
         :math:`[0.0024726, 0.9975274]`, never 0 or 1.
-      - Theano never defined its gradient (``MethodNotDefined: grad``); NaN input gives NaN here,
-        where Theano's C code returned 0.0024726.
+      - Theano never defined its gradient (``MethodNotDefined: grad``); NaN input gives NaN (value
+        and gradient) here, where Theano's C code returned 0.0024726.
 
     Args:
       x: floating-point array or Python float.
@@ -850,7 +860,7 @@ def softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
       Array([0.5, 0.5], dtype=float32)
     """
     x = _float_input(x, "softmax")
-    return _softmax(x, _normalize_axis(axis, max(x.ndim, 1), "softmax") if x.ndim else ())
+    return _softmax(x, _normalize_axis(axis, x.ndim, "softmax"))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -886,7 +896,7 @@ def log_softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
       Array([-200.,    0.], dtype=float32)
     """
     x = _float_input(x, "log_softmax")
-    return _log_softmax(x, _normalize_axis(axis, max(x.ndim, 1), "log_softmax") if x.ndim else ())
+    return _log_softmax(x, _normalize_axis(axis, x.ndim, "log_softmax"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,7 +904,7 @@ def log_softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
 
 
 def _resolve_callable(function: Any, argument: str) -> Callable[..., jax.Array]:
-    if isinstance(function, (str, Activation)) or id(function) in _BY_FUNCTION:
+    if isinstance(function, (str, Activation)) or _registered_name(function) is not None:
         return get(function)  # a registered function brings its metadata (formula, peak)
     if not callable(function):
         raise TypeError(
@@ -925,7 +935,9 @@ def with_surrogate_grad(forward: Any, surrogate: Any) -> Activation:
 
     Returns:
       An :class:`Activation` (callable as ``f(x, **params)``; keyword parameters are passed to
-      both ``forward`` and ``surrogate`` and are not differentiated) whose
+      both ``forward`` and ``surrogate``; ``f``'s derivative with respect to them is zero, while
+      the surrogate slope it uses follows them, so a parameter's gradient of ``grad(f)`` is
+      the surrogate's) whose
       ``zero_grad_mask``/``saturation_mask`` describe the surrogate derivative.
 
     Raises:
@@ -946,18 +958,32 @@ def with_surrogate_grad(forward: Any, surrogate: Any) -> Activation:
 
     def surrogate_graded(x: ArrayLike, **params: Any) -> jax.Array:
         x = _float_input(x, name)
+        # Array-valued parameters (possibly tracers of an enclosing grad or jit) are explicit
+        # arguments of the custom JVP: a custom JVP must not close over tracers. Their own
+        # tangents are dropped (parameters are not differentiated through f), but the rule's
+        # slope is computed from them, so a derivative of the slope with respect to a
+        # parameter (grad over alpha of grad over x) is the surrogate's.
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+        def bound(values: Sequence[Any]) -> dict[str, Any]:
+            filled = list(leaves)
+            for i, value in zip(dynamic, values, strict=True):
+                filled[i] = value
+            return jax.tree_util.tree_unflatten(treedef, filled)
 
         @jax.custom_jvp
-        def f(x):
-            return forward_fn(x, **params)
+        def f(x, *values):
+            return forward_fn(x, **bound(values))
 
         @f.defjvp
         def f_jvp(primals, tangents):
-            (x,), (t,) = primals, tangents
-            _, slope_times_t = jax.jvp(lambda u: surrogate_fn(u, **params), (x,), (t,))
-            return f(x), slope_times_t
+            (x, *values), t = primals, tangents[0]
+            out = f(x, *values)
+            _, slope_times_t = jax.jvp(lambda u: surrogate_fn(u, **bound(values)), (x,), (t,))
+            return out, jnp.asarray(slope_times_t).astype(out.dtype)
 
-        return f(x)
+        return f(x, *(leaves[i] for i in dynamic))
 
     surrogate_graded.__name__ = name
     forward_entry = forward_fn if isinstance(forward_fn, Activation) else None
@@ -1128,7 +1154,8 @@ class Activation:
         r"""True where the unit is saturated: :math:`|f'(x)| < \text{threshold} \cdot \max|f'|`.
 
         The default threshold, :data:`SATURATION_THRESHOLD` :math:`= \sigma'(5)/\sigma'(0)
-        \approx 0.0266`, makes the sigmoid's mask exactly :math:`|x| \ge 5`, DeepDiagnosis's rule
+        \approx 0.0266`, makes the sigmoid's mask :math:`|x| > 5` (the points :math:`\pm 5`
+        themselves fall either side, as :math:`\sigma'(\pm 5)` rounds), DeepDiagnosis's rule
         for saturated sigmoid/tanh units (Wardat et al., ICSE 2022); for tanh it is
         :math:`|x| \gtrsim 2.5`, and for relu it is the dead region :math:`x \le 0`. It always
         contains ``zero_grad_mask``. Non-monotone activations (gelu, silu, mish) are also flagged
@@ -1154,16 +1181,24 @@ class Activation:
         slope = jnp.abs(self.derivative_at(x, **params))
         return (slope < threshold * peak) | self.zero_grad_mask(x, **params)
 
-    def peak(self, **params: Any) -> float:
-        """The supremum of :math:`|f'|` for the bound parameters (and overrides)."""
+    def peak(self, **params: Any) -> float | jax.Array:
+        """The supremum of :math:`|f'|` for the bound parameters (and overrides).
+
+        A float for scalar parameters; an array (one peak per element) for array-valued
+        parameters, and for parameters traced by ``jit``, ``vmap`` or ``grad``.
+        """
         if self.peak_derivative is None:
             raise ValueError(
                 f"Activation {self.name!r} declares no peak_derivative, so saturation is "
                 "undefined; pass peak_derivative= when constructing it."
             )
-        if callable(self.peak_derivative):
-            return float(self.peak_derivative(self._merged(params)))
-        return float(self.peak_derivative)
+        value = self.peak_derivative
+        if callable(value):
+            value = value(self._merged(params))
+        try:
+            return float(value)
+        except TypeError:  # an array of several values, or a tracer
+            return jnp.asarray(value)
 
 
 def _elementwise_derivative(function, params, x):
@@ -1197,7 +1232,7 @@ def _log_softmax_diagonal(x, axis=-1):
 
 def _softmax_zero_grad(x, axis=-1):
     s = softmax(x, axis)
-    axes = _normalize_axis(axis, max(s.ndim, 1), "softmax") if s.ndim else ()
+    axes = _normalize_axis(axis, s.ndim, "softmax")
     nonzero = jnp.sum(s != 0, axes, keepdims=True)
     # Column i of the Jacobian, s_j (delta_ij - s_i), is zero iff s_i == 0, or s_i == 1 with every
     # other s_j == 0.
@@ -1206,7 +1241,7 @@ def _softmax_zero_grad(x, axis=-1):
 
 def _log_softmax_zero_grad(x, axis=-1):
     x = _float_input(x, "log_softmax")
-    axes = _normalize_axis(axis, max(x.ndim, 1), "log_softmax") if x.ndim else ()
+    axes = _normalize_axis(axis, x.ndim, "log_softmax")
     size = math.prod(x.shape[a] for a in axes)
     # Column j of the Jacobian, delta_ij - s_j, always has a nonzero entry unless size == 1.
     return jnp.full(x.shape, size == 1)
@@ -1251,9 +1286,26 @@ def register(activation: Activation, *, overwrite: bool = False) -> Activation:
         raise ValueError(
             f"register: non-elementwise activation {activation.name!r} needs jacobian_diagonal."
         )
+    replaced = _REGISTRY.get(activation.name)
+    if replaced is not None:
+        # The replaced function no longer stands for this name, nor do its parameter names.
+        if _BY_FUNCTION.get(id(replaced.function)) == activation.name:
+            del _BY_FUNCTION[id(replaced.function)]
+        _ACCEPTED_PARAMS.pop(activation.name, None)
     _REGISTRY[activation.name] = activation
     _BY_FUNCTION[id(activation.function)] = activation.name
     return activation
+
+
+def _registered_name(function: Any) -> str | None:
+    """The name ``function`` is registered under, if it is a registered activation's function.
+
+    The lookup is by identity; the entry is checked to still hold ``function``, so a replaced
+    function (or another object that came to have its id) is not taken for the name.
+    """
+    name = _BY_FUNCTION.get(id(function))
+    entry = _REGISTRY.get(name) if name is not None else None
+    return name if entry is not None and entry.function is function else None
 
 
 def names() -> list[str]:
@@ -1297,8 +1349,9 @@ def get(activation: str | Activation | Callable[..., Any], **params: Any) -> Act
                 f"unknown activation {activation!r}{hint} Known activations: {', '.join(names())}."
             )
         return entry.bind(**params) if params else entry
-    if callable(activation) and id(activation) in _BY_FUNCTION:
-        return get(_BY_FUNCTION[id(activation)], **params)
+    name = _registered_name(activation) if callable(activation) else None
+    if name is not None:
+        return get(name, **params)
     raise TypeError(
         "get: activation must be a registered name, an Activation or a gradkit activation "
         f"function; got {type(activation).__name__} {activation!r}. Wrap your own function in "
@@ -1317,7 +1370,6 @@ def _builtin(
     accepted: tuple[str, ...] = (),
     **extra: Any,
 ) -> None:
-    _ACCEPTED_PARAMS[name] = accepted
     register(
         Activation(
             name=name,
@@ -1330,6 +1382,15 @@ def _builtin(
             **extra,
         )
     )
+    _ACCEPTED_PARAMS[name] = accepted
+
+
+def _magnitude(value: Any, at_least: float = 0.0) -> float | jax.Array:
+    """``max(at_least, |value|)``: a float for a Python number, else an array (elementwise),
+    so that array-valued and traced parameters give a peak too."""
+    if isinstance(value, int | float):
+        return max(at_least, abs(float(value)))
+    return jnp.maximum(at_least, jnp.abs(value))
 
 
 _INF = math.inf
@@ -1374,7 +1435,7 @@ _builtin(
     "slope where 0 < slope * x + shift < 1, else 0 (0 at the boundaries)",
     (0.0, 1.0),
     "slope * x + shift <= 0 or >= 1 (defaults: |x| >= 3; slope 0.2: |x| >= 2.5)",
-    lambda p: abs(float(p.get("slope", 1.0 / 6.0))),
+    lambda p: _magnitude(p.get("slope", 1.0 / 6.0)),
     ("slope", "shift"),
 )
 _builtin(
@@ -1411,7 +1472,7 @@ _builtin(
     "1 for x > 0, negative_slope for x <= 0",
     (-_INF, _INF),
     "none (unless negative_slope = 0: x <= 0)",
-    lambda p: max(1.0, abs(float(p.get("negative_slope", 0.01)))),
+    lambda p: _magnitude(p.get("negative_slope", 0.01), at_least=1.0),
     ("negative_slope",),
 )
 _builtin(
@@ -1421,7 +1482,7 @@ _builtin(
     "1 for x > 0, alpha * exp(x) for x <= 0 (alpha at 0)",
     (-1.0, _INF),
     "none mathematically; underflow of exp(x) (float32 x <~ -87.3)",
-    lambda p: max(1.0, abs(float(p.get("alpha", 1.0)))),
+    lambda p: _magnitude(p.get("alpha", 1.0), at_least=1.0),
     ("alpha",),
 )
 _builtin(

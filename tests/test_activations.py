@@ -167,9 +167,13 @@ def test_ultra_fast_sigmoid_jump_and_range_are_as_documented():
         low, high = get("ultra_fast_sigmoid").output_range
         values = activations.ultra_fast_sigmoid(jnp.asarray([-1e6, -6.0, 6.0, 1e6]))
         np.testing.assert_allclose(np.asarray(values), [low, low, high, high], rtol=1e-15)
-    assert float(activations.ultra_fast_sigmoid(jnp.nan)) != float(
-        activations.ultra_fast_sigmoid(jnp.nan)
-    )  # NaN propagates
+    assert math.isnan(float(activations.ultra_fast_sigmoid(jnp.nan)))  # NaN propagates
+    # ... to the gradient too, while the infinities are in the flat region.
+    x = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf, 0.0])
+    grads = np.asarray(jax.vmap(jax.grad(activations.ultra_fast_sigmoid))(x))
+    assert math.isnan(grads[0]) and list(grads[1:]) == [0.0, 0.0, 0.375]
+    mask = get("ultra_fast_sigmoid").zero_grad_mask(x)
+    np.testing.assert_array_equal(np.asarray(mask), [False, True, True, False])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -225,6 +229,19 @@ def test_softmax_axes_and_errors():
         activations.softmax(x, axis=3)
     with pytest.raises(TypeError, match="axis must be an int"):
         activations.log_softmax(x, axis=1.0)
+    # NumPy integers are ints; a 0-d input is one value over one axis: -1 or 0, nothing else.
+    np.testing.assert_allclose(
+        np.asarray(activations.softmax(x, axis=np.int64(1))),
+        np.asarray(jax.nn.softmax(x, axis=1)),
+        rtol=1e-6,
+    )
+    scalar = jnp.float32(2.5)
+    assert float(activations.softmax(scalar)) == 1.0
+    assert float(activations.log_softmax(scalar, axis=0)) == 0.0
+    with pytest.raises(ValueError, match=r"axis 5 is out of range .* 0 dimensions"):
+        activations.softmax(scalar, axis=5)
+    with pytest.raises(ValueError, match=r"axis 1 is out of range"):
+        activations.get("log_softmax").derivative_at(scalar, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +564,26 @@ def test_saturation_mask_reproduces_the_sigmoid_rule_and_contains_the_zero_grad_
         get("sigmoid").saturation_mask(jnp.zeros(2), threshold=2)
 
 
+def test_saturation_mask_takes_array_valued_and_traced_parameters():
+    x = jnp.asarray([-1.0, 0.5, 3.0])
+    # One negative slope per element: 0 makes x = -1 dead; the peak is max(1, |slope|) each.
+    leaky = get("leaky_relu", negative_slope=jnp.asarray([0.0, 0.1, 0.2]))
+    np.testing.assert_array_equal(np.asarray(leaky.saturation_mask(x)), [True, False, False])
+    np.testing.assert_allclose(np.asarray(leaky.peak()), [1.0, 1.0, 1.0])
+    steep = get("leaky_relu", negative_slope=jnp.asarray([40.0, 0.1, 0.2]))
+    # peak 40 for the first element: slope 1 for x > 0 would be saturated there (1 < 0.0266*40).
+    np.testing.assert_array_equal(
+        np.asarray(steep.saturation_mask(jnp.asarray([1.0, 1.0, 1.0]))), [True, False, False]
+    )
+    # Parameters traced by jit and vmap give the same masks as concrete ones.
+    hard = jax.jit(lambda s, u: get("hard_sigmoid", slope=s).saturation_mask(u))
+    np.testing.assert_array_equal(np.asarray(hard(0.2, x)), [False, False, True])
+    elu = jax.vmap(lambda a: get("elu", alpha=a).saturation_mask(jnp.asarray(-5.0)))
+    # elu's slope at -5 is alpha e^-5 = 0.0067 alpha, below 0.0266 * peak: peak max(1, alpha).
+    np.testing.assert_array_equal(np.asarray(elu(jnp.asarray([0.5, 2.0]))), [True, True])
+    assert isinstance(get("hard_sigmoid", slope=0.2).peak(), float)
+
+
 PEAKS = {
     "sigmoid": (lambda x: np.exp(-x) / (1 + np.exp(-x)) ** 2, {}),
     "ultra_fast_sigmoid": (lambda x: 0.375 / (1 + np.abs(x) / 2) ** 2 * (np.abs(x) < 3.4), {}),
@@ -628,6 +665,33 @@ def test_surrogate_passes_keyword_parameters_to_both_functions():
     assert float(f(1.0, slope=0.2)) == pytest.approx(0.7)
     assert float(jax.grad(lambda x: f(x, slope=0.2))(1.0)) == pytest.approx(0.2)
     assert float(jax.grad(lambda x: f(x, slope=0.5))(0.5)) == pytest.approx(0.5)
+
+
+def test_surrogate_parameters_may_be_traced_and_are_not_differentiated():
+    f = with_surrogate_grad("elu", "elu")
+    with jax.enable_x64(True):
+        x = jnp.float64(-1.0)
+        # f's own derivative in a parameter is zero, under grad, jvp and jit.
+        assert float(jax.grad(lambda a: f(x, alpha=a))(2.0)) == 0.0
+        _, tangent = jax.jvp(lambda a: f(x, alpha=a), (2.0,), (1.0,))
+        assert float(tangent) == 0.0
+        assert float(jax.jit(jax.grad(lambda a: f(x, alpha=a)))(2.0)) == 0.0
+        # The slope follows the parameter: d/dalpha of f'(x) = d/dalpha (alpha e^x) = e^x.
+        slope = jax.grad(lambda a: jax.grad(lambda u: f(u, alpha=a))(x))
+        assert float(slope(2.0)) == pytest.approx(math.exp(-1.0), rel=1e-12)
+        # A parameter vmapped over: one slope per value.
+        hard = with_surrogate_grad("hard_sigmoid", "hard_sigmoid")
+        slopes = jax.vmap(lambda s: jax.grad(lambda u: hard(u, slope=s))(0.1))(
+            jnp.asarray([0.1, 0.2, 0.5])
+        )
+        np.testing.assert_allclose(np.asarray(slopes), [0.1, 0.2, 0.5], rtol=1e-12)
+
+
+def test_surrogate_derivative_has_the_input_dtype_whatever_the_surrogate_returns():
+    sign_ste = with_surrogate_grad(jnp.sign, lambda u: jnp.tanh(u).astype(jnp.float32))
+    grad = jax.grad(sign_ste)(jnp.float16(0.5))
+    assert grad.dtype == jnp.float16
+    assert float(grad) == pytest.approx(1 - math.tanh(0.5) ** 2, rel=1e-3)
 
 
 def test_surrogate_peak_uses_the_parameters_bound_to_the_surrogate():
@@ -732,6 +796,40 @@ def test_register_adds_user_activations_and_refuses_duplicates():
         activations.register("relu")
     with pytest.raises(ValueError, match=r"output_range must be \(low, high\)"):
         activations.Activation("bad", lambda x: x, output_range=(1.0, 0.0))
+
+
+@pytest.fixture
+def restored_registry(monkeypatch):
+    """Lets a test replace registry entries, built-in ones included, and undoes it after."""
+    for table in ("_REGISTRY", "_BY_FUNCTION", "_ACCEPTED_PARAMS"):
+        monkeypatch.setattr(activations, table, dict(getattr(activations, table)))
+
+
+def test_a_replaced_function_no_longer_stands_for_the_name(restored_registry):
+    def cube(x):
+        return x**3
+
+    activations.register(activations.Activation("test_replaced", cube))
+    activations.register(activations.Activation("test_replaced", lambda x: 10 * x), overwrite=True)
+    # cube is the user's own function again: not the entry's, so not looked up by it.
+    with pytest.raises(TypeError, match="must be a registered name"):
+        get(cube)
+    straight_through = with_surrogate_grad(cube, activations.identity)
+    assert float(straight_through(2.0)) == 8.0
+    assert float(jax.grad(straight_through)(2.0)) == 1.0
+
+
+def test_replacing_a_built_in_drops_its_parameter_names(restored_registry):
+    def scaled_relu(x, scale=1.0):
+        return scale * jnp.maximum(x, 0.0)
+
+    with pytest.raises(ValueError, match="takes no parameter"):
+        get("relu", scale=2.0)
+    activations.register(activations.Activation("relu", scaled_relu), overwrite=True)
+    assert float(get("relu", scale=2.0)(3.0)) == 6.0
+    assert get(scaled_relu).function is scaled_relu
+    with pytest.raises(TypeError, match="must be a registered name"):
+        get(activations.relu)  # the built-in function was replaced
 
 
 def test_module_doctests_pass():
