@@ -194,12 +194,20 @@ def _normalise_argnums(caller: str, argnums: Any) -> int | tuple[int, ...]:
 
 
 def _check_positions(caller: str, argnums: int | tuple[int, ...], count: int) -> None:
-    for position in (argnums,) if isinstance(argnums, int) else argnums:
+    positions = (argnums,) if isinstance(argnums, int) else argnums
+    for position in positions:
         if not -count <= position < count:
             raise ValueError(
                 f"{caller}: argnums={argnums!r} names argument {position}, but f was called "
                 f"with {count} positional argument(s)"
             )
+    # (1, -1) of two arguments names argument 1 twice: one of its tangents or cotangents
+    # would be dropped.
+    if len({position % count for position in positions}) != len(positions):
+        raise ValueError(
+            f"{caller}: argnums must not repeat an argument, got {argnums!r}, which names the "
+            f"same argument twice for f called with {count} positional argument(s)"
+        )
 
 
 def _selected(args: Sequence[Any], argnums: int | tuple[int, ...]) -> Any:
@@ -319,10 +327,9 @@ def jacobian(
             return _without_inputs(f, args, kwargs, argnums, has_aux)
         chosen = mode
         if chosen == "auto":
-            out = jax.eval_shape(f, *args, **kwargs)
-            if has_aux:
-                out = out[0]
-            chosen = _choose_mode(_size(_selected(args, argnums)), _size(out))
+            chosen = _choose_mode(
+                _size(_selected(args, argnums)), _output_size(f, args, kwargs, argnums, has_aux)
+            )
         transform = jax.jacfwd if chosen == "forward" else jax.jacrev
         return transform(f, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
 
@@ -387,6 +394,26 @@ def _check_call(caller: str, f: Callable, args: Sequence[Any], argnums: Any) -> 
     _check_positions(caller, argnums, len(args))
     _check_selected(caller, f, args, argnums)
     return bool(jax.tree_util.tree_leaves(_selected(args, argnums)))
+
+
+def _output_size(
+    f: Callable, args: Sequence[Any], kwargs: dict[str, Any], argnums: Any, has_aux: bool
+) -> int:
+    """The number of elements of ``f``'s output (aux excluded), from shapes only.
+
+    Only the differentiated arguments are abstracted, as ``jax.jacfwd``/``jax.jacrev`` do: the
+    others, keyword arguments and aux may be anything (a string, a function).
+    """
+    positions = (argnums,) if isinstance(argnums, int) else argnums
+
+    def output(*selected: Any) -> Any:
+        full = list(args)
+        for position, value in zip(positions, selected, strict=True):
+            full[position] = value
+        out = f(*full, **kwargs)
+        return out[0] if has_aux else out
+
+    return _size(jax.eval_shape(output, *(args[position] for position in positions)))
 
 
 def _without_inputs(

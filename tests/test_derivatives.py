@@ -435,6 +435,37 @@ def test_argnums_errors():
         jacobian(f, argnums=2)(x, W)
 
 
+def test_an_argument_named_twice_by_a_negative_position_is_refused():
+    def f(a, b):
+        return a * b
+
+    point = (jnp.float32(2.0), jnp.float32(3.0))
+    for call in (
+        lambda: vjp(f, point, 1.0, argnums=(1, -1)),
+        lambda: jvp(f, point, (1.0, 0.0), argnums=(-1, 1)),
+        lambda: jacobian(f, argnums=(1, -1))(*point),
+        lambda: hessian(f, argnums=(0, -2))(*point),
+    ):
+        with pytest.raises(
+            ValueError, match=r"must not repeat an argument, got \((1, -1|-1, 1|0, -2)\)"
+        ):
+            call()
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
+def test_jacobian_takes_non_array_arguments_and_aux_in_every_mode(mode):
+    # Only the differentiated argument is abstracted; the others may be a string or a function.
+    # Forward mode vmaps f, so there (as in jax.jacfwd) aux must be arrays; reverse mode (which
+    # auto picks here: 2 inputs, 2 outputs) passes any aux through.
+    def f(x, label, *, activation):
+        return activation(x) * 2.0, (jnp.sum(x) if mode == "forward" else f"{label}: aux")
+
+    x = jnp.asarray([0.5, 1.0])
+    jac, aux = jacobian(f, mode=mode, has_aux=True)(x, "tanh", activation=jnp.tanh)
+    np.testing.assert_allclose(np.asarray(jac), np.diag(2.0 / np.cosh([0.5, 1.0]) ** 2), rtol=1e-6)
+    assert aux == (1.5 if mode == "forward" else "tanh: aux")
+
+
 def test_half_precision_inputs_are_accepted_and_keep_their_dtype():
     def f(x):
         return jnp.sum(x**3)
