@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -533,6 +534,14 @@ class MLP:
         count = len(sizes) - 1
         single = isinstance(activations, str) or callable(activations) or activations is None
         if single:
+            if count == 1 and activations is not None and final_activation is None:
+                warnings.warn(
+                    f"MLP({sizes}, {activations!r}): a single activation applies to the hidden "
+                    "layers, and this MLP has none, so its one layer is linear; pass "
+                    f"final_activation={activations!r} (or activations=[{activations!r}]) to "
+                    "apply it to the output",
+                    stacklevel=2,
+                )
             acts = [activations] * (count - 1) + [final_activation]
         else:
             if final_activation is not None:

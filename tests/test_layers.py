@@ -1,5 +1,7 @@
 """Tests for gradkit.layers: Dense, MLP, initializers, shape errors, dtype policy, probe taps."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,6 +273,19 @@ def test_an_initializer_that_fails_is_named_with_its_layer_and_shape():
     kernel_initializer_on_a_bias = layers.Dense(3, b_init=layers.glorot_uniform)
     with pytest.raises(ValueError, match=r"'dense': b_init=.*shape \(3,\).*at least 2D"):
         kernel_initializer_on_a_bias.init(KEY, (2,))
+
+
+def test_a_one_layer_mlp_with_a_single_activation_warns_that_it_is_linear():
+    with pytest.warns(
+        UserWarning, match=r"its one layer is linear; pass final_activation='sigmoid'"
+    ):
+        linear = layers.MLP([2, 1], "sigmoid")
+    assert linear.activations == (None,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layers.MLP([2, 1], "relu", final_activation="sigmoid").activations == ("sigmoid",)
+        assert layers.MLP([2, 1], ["sigmoid"]).activations == ("sigmoid",)
+        assert layers.MLP([2, 4, 1], "sigmoid").activations == ("sigmoid", None)
 
 
 @pytest.mark.parametrize(
