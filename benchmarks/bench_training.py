@@ -23,7 +23,8 @@ each variant's step compiled once, then ``--rounds`` rounds in which every varia
 steps in turn; the overhead is the median over rounds of each round's time relative to the plain
 loop's in the same round, which cancels most of the drift of a shared machine. A fourth table
 pairs ``fit`` with the hand-written loop + grad norm the same way (``--fit-rounds`` rounds, each
-``fit`` round a whole call timed after its warm-up steps).
+``fit`` round a whole call timed after its warm-up steps), and a fifth, from the same rounds,
+gives ``fit(..., health_every=100)`` and ``health_every=1`` relative to ``fit`` without them.
 
 Throughput excludes compilation and start-up: each run takes ``--warmup`` steps first (the
 compile happens there), then the clock starts, and steps/second is ``--steps`` divided by the time
@@ -285,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             "hand-written loop + grad norm": hand,
             "fit (arrays)": lambda steps: fit_arrays(steps, args.warmup),
             "fit (iterable)": lambda steps: fit_iterable(steps, args.warmup),
+            "fit (arrays), health_every=100": lambda steps: timed_fit(
+                (x, y), BATCH, steps, args.warmup, health_every=100
+            ),
+            "fit (arrays), health_every=1": lambda steps: timed_fit(
+                (x, y), BATCH, steps, args.warmup, health_every=1
+            ),
         }
         hand(2)  # compile
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -381,11 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | ratio, median of rounds | quartiles |")
     print("|---|---:|---:|")
     reference = np.asarray(paired_fit["hand-written loop + grad norm"])
-    for name, times in paired_fit.items():
-        if name == "hand-written loop + grad norm":
-            continue
-        low, mid, high = np.percentile(reference / np.asarray(times), [25, 50, 75])
+    for name in ("fit (arrays)", "fit (iterable)"):
+        low, mid, high = np.percentile(reference / np.asarray(paired_fit[name]), [25, 50, 75])
         print(f"| {name} | {mid:.3f} | {low:.3f} to {high:.3f} |")
+    print(
+        "\nfit's own health monitoring in the same rounds: time per step relative to fit "
+        "(arrays) without it in the same round"
+    )
+    print("| variant | overhead per step, median of rounds | quartiles |")
+    print("|---|---:|---:|")
+    plain_fit = np.asarray(paired_fit["fit (arrays)"])
+    for name in ("fit (arrays), health_every=100", "fit (arrays), health_every=1"):
+        low, mid, high = np.percentile(np.asarray(paired_fit[name]) / plain_fit - 1, [25, 50, 75])
+        print(f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} |")
     print("\nGradient-health monitoring: time per step relative to the same loop without it")
     print("| variant | steps/s, median | overhead (median) | overhead (best) |")
     print("|---|---:|---:|---:|")
