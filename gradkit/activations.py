@@ -1249,7 +1249,6 @@ def _log_softmax_zero_grad(x, axis=-1):
 
 _ACCEPTED_PARAMS: dict[str, tuple[str, ...]] = {}
 _REGISTRY: dict[str, Activation] = {}
-_BY_FUNCTION: dict[int, str] = {}
 
 
 def register(activation: Activation, *, overwrite: bool = False) -> Activation:
@@ -1286,26 +1285,16 @@ def register(activation: Activation, *, overwrite: bool = False) -> Activation:
         raise ValueError(
             f"register: non-elementwise activation {activation.name!r} needs jacobian_diagonal."
         )
-    replaced = _REGISTRY.get(activation.name)
-    if replaced is not None:
-        # The replaced function no longer stands for this name, nor do its parameter names.
-        if _BY_FUNCTION.get(id(replaced.function)) == activation.name:
-            del _BY_FUNCTION[id(replaced.function)]
-        _ACCEPTED_PARAMS.pop(activation.name, None)
+    # A replaced entry's parameter names are not the new function's.
+    _ACCEPTED_PARAMS.pop(activation.name, None)
     _REGISTRY[activation.name] = activation
-    _BY_FUNCTION[id(activation.function)] = activation.name
     return activation
 
 
 def _registered_name(function: Any) -> str | None:
-    """The name ``function`` is registered under, if it is a registered activation's function.
-
-    The lookup is by identity; the entry is checked to still hold ``function``, so a replaced
-    function (or another object that came to have its id) is not taken for the name.
-    """
-    name = _BY_FUNCTION.get(id(function))
-    entry = _REGISTRY.get(name) if name is not None else None
-    return name if entry is not None and entry.function is function else None
+    """The name under which ``function`` (by identity) is registered now, if any: a replaced
+    function no longer stands for its old name."""
+    return next((name for name, entry in _REGISTRY.items() if entry.function is function), None)
 
 
 def names() -> list[str]:

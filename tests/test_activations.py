@@ -801,7 +801,7 @@ def test_register_adds_user_activations_and_refuses_duplicates():
 @pytest.fixture
 def restored_registry(monkeypatch):
     """Lets a test replace registry entries, built-in ones included, and undoes it after."""
-    for table in ("_REGISTRY", "_BY_FUNCTION", "_ACCEPTED_PARAMS"):
+    for table in ("_REGISTRY", "_ACCEPTED_PARAMS"):
         monkeypatch.setattr(activations, table, dict(getattr(activations, table)))
 
 
