@@ -239,6 +239,15 @@ def _at_point(
     args = tuple(x)
     _check_positions(caller, argnums, len(args))
     _check_selected(caller, f, args, argnums)
+    label = f"x[{argnums}]" if isinstance(argnums, int) else f"x[{list(argnums)}]"
+    return _restricted(f, args, argnums), _selected(args, argnums), label
+
+
+def _restricted(
+    f: Callable, args: Sequence[Any], argnums: int | tuple[int, ...], kwargs: Any = None
+) -> Callable[[PyTree], Any]:
+    """``f`` as a function of the ``argnums`` arguments alone (shaped like :func:`_selected`'s
+    result), the other positional and keyword arguments fixed at ``args`` and ``kwargs``."""
     positions = (argnums,) if isinstance(argnums, int) else argnums
 
     def restricted(point: PyTree) -> Any:
@@ -246,10 +255,9 @@ def _at_point(
         values = (point,) if isinstance(argnums, int) else point
         for position, value in zip(positions, values, strict=True):
             full[position] = value
-        return f(*full)
+        return f(*full, **(kwargs or {}))
 
-    label = f"x[{argnums}]" if isinstance(argnums, int) else f"x[{list(argnums)}]"
-    return restricted, _selected(args, argnums), label
+    return restricted
 
 
 def _size(tree: PyTree) -> int:
@@ -404,16 +412,13 @@ def _output_size(
     Only the differentiated arguments are abstracted, as ``jax.jacfwd``/``jax.jacrev`` do: the
     others, keyword arguments and aux may be anything (a string, a function).
     """
-    positions = (argnums,) if isinstance(argnums, int) else argnums
+    restricted = _restricted(f, args, argnums, kwargs)
 
-    def output(*selected: Any) -> Any:
-        full = list(args)
-        for position, value in zip(positions, selected, strict=True):
-            full[position] = value
-        out = f(*full, **kwargs)
+    def output(point: PyTree) -> Any:
+        out = restricted(point)
         return out[0] if has_aux else out
 
-    return _size(jax.eval_shape(output, *(args[position] for position in positions)))
+    return _size(jax.eval_shape(output, _selected(args, argnums)))
 
 
 def _without_inputs(
