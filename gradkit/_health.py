@@ -251,19 +251,24 @@ def _fast_leaf_stats(
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
 
-    Four reductions over the gradient (:math:`\max|g|`, :math:`\sum g`, :math:`\sum g^2`, the
-    number of zeros) and one over each of the parameter and update leaves, instead of the exact
-    path's scaled two-pass moments. They are used only when they are provably accurate: every
-    entry finite, the sums of squares neither overflowed nor underflowed
-    (:func:`_trustworthy_square_sum`), and the variance :math:`\overline{g^2} - \bar g^2` at
-    least half of :math:`\overline{g^2}` (so :math:`|\bar g| \le \sigma` and the subtraction
-    loses at most one bit). Otherwise a :func:`jax.lax.cond` takes the exact path for this leaf.
+    One pass over the gradient for :math:`\max|g|`, :math:`\sum g`, :math:`\sum g^2` and the
+    number of zeros (a variadic reduction, row by row: :func:`_variadic_reduce`) and one reduction
+    over each of the parameter and update leaves, instead of the exact path's scaled two-pass
+    moments. (The parameter and update sums stay separate: folded into the gradient's pass, or
+    into one pass of their own, they made the benchmark MLP's monitored step slower on
+    XLA:CPU.) The sums are used only when they are provably accurate: every entry finite, the
+    sums of squares neither overflowed nor underflowed (:func:`_trustworthy_square_sum`), and
+    the variance :math:`\overline{g^2} - \bar g^2` at least half of :math:`\overline{g^2}` (so
+    :math:`|\bar g| \le \sigma` and the subtraction loses at most one bit). Otherwise a
+    :func:`jax.lax.cond` takes the exact path for this leaf.
     """
     size = x.size
-    max_abs = jnp.max(jnp.abs(x))
-    total = jnp.sum(x)
-    square_sum = jnp.sum(jnp.square(x))
-    zeros = jnp.sum(x == 0, dtype=x.dtype)
+    rows = x.reshape(_reduction_shape(x.shape))
+    maxima, sums = _variadic_reduce(
+        [jnp.abs(rows)], [rows, jnp.square(rows), (rows == 0).astype(x.dtype)]
+    )
+    max_abs = maxima[0]
+    total, square_sum, zeros = sums[0], sums[1], sums[2]
     mean = total / size
     mean_square = square_sum / size
     variance = mean_square - jnp.square(mean)
@@ -319,27 +324,32 @@ def _reduction_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return 1, size
 
 
-def _variadic_reduce(combine: Callable, rows: list[jax.Array]) -> jax.Array:
-    """Reduces each ``(rows, width)`` array of ``rows`` (one dtype) to a scalar with
-    ``combine`` (add or maximum), all in one pass: a row-wise variadic reduction, then one
-    stacked reduction of the row results. Returns the scalars stacked.
+def _variadic_reduce(maxima: list[jax.Array], sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The maxima of the ``(rows, width)`` arrays ``maxima`` and the sums of those of ``sums``
+    (all of one dtype), all in one pass: a row-wise variadic reduction, then one stacked
+    reduction of the row results. Returns the maxima and the sums, each stacked in order.
 
     XLA:CPU fuses the element-wise producers of a variadic reduction into its loop, where it
     hands single reductions to a vectorised library that takes its input materialised: a leaf-
     sized temporary per statistic, which inside a :func:`jax.lax.cond` branch enlarges the
     step's temporary memory on every call (past 32 MiB glibc maps it afresh each time, and the
-    step page-faults it in). Row by row, a sum's rounding grows with the row length, not with
-    the leaf size.
+    step page-faults it in), and outside one costs a pass over memory per statistic. Row by
+    row, a sum's rounding grows with the row length, not with the leaf size.
     """
-    zeros = tuple(jnp.zeros((), row.dtype) for row in rows)
+    operands = (*maxima, *sums)
+    zeros = tuple(jnp.zeros((), row.dtype) for row in operands)
+    split = len(maxima)
 
     def reducer(a, b):
-        return tuple(combine(p, q) for p, q in zip(a, b, strict=True))
+        return tuple(
+            jnp.maximum(p, q) if i < split else p + q
+            for i, (p, q) in enumerate(zip(a, b, strict=True))
+        )
 
     # The row results are small: one stacked reduction of them needs fewer buffers than a
     # second variadic one (each operand of a variadic reducer is a buffer of its own).
-    partial = jnp.stack(lax.reduce(tuple(rows), zeros, reducer, (1,)))
-    return jnp.max(partial, axis=1) if combine is jnp.maximum else jnp.sum(partial, axis=1)
+    partial = jnp.stack(lax.reduce(operands, zeros, reducer, (1,)))
+    return jnp.max(partial[:split], axis=1), jnp.sum(partial[split:], axis=1)
 
 
 def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | LeafStats, ...]:
@@ -381,8 +391,10 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
             return reduce(jnp.stack(rows), axis=1, **options)
         if "dtype" in options:
             rows = [row.astype(options["dtype"]) for row in rows]
-        combine = jnp.maximum if reduce is jnp.max else jnp.add
-        return _variadic_reduce(combine, [row.reshape(shape) for row in rows])
+        rows = [row.reshape(shape) for row in rows]
+        if reduce is jnp.max:
+            return _variadic_reduce(rows, [])[0]
+        return _variadic_reduce([], rows)[1]
 
     finite = [jnp.isfinite(leaf) for leaf in leaves]
     maxima = reduce_rows(
@@ -413,8 +425,8 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
         # A second output keeps this a variadic reduction (a single one would be handed to the
         # vectorised library, which takes its input materialised); it is not needed otherwise.
         squared_deviation = _variadic_reduce(
-            jnp.add, [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
-        )[0]
+            [], [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
+        )[1][0]
     norms = scales * jnp.sqrt(sums[1:])
     stats = LeafStats(
         norm=norms[0].astype(x.dtype),
