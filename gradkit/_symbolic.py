@@ -12,7 +12,6 @@ says how to install it.
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import inspect
 import math
 import re
@@ -41,6 +40,10 @@ MAX_ELEMENTS = 1024
 
 #: Largest denominator for which a constant such as 0.5 or 1/3 is shown as a fraction.
 _MAX_DENOMINATOR = 100
+
+#: Largest formula (``sympy.count_ops`` over all outputs) that ``simplify=True`` hands to
+#: ``sympy.simplify``; larger ones are only expanded or given their sigmoid form.
+SIMPLIFY_MAX_OPS = 200
 
 #: Longest ``scan`` that is unrolled into a formula.
 _MAX_SCAN_LENGTH = 64
@@ -89,6 +92,79 @@ class sigmoid(sympy.Function):
         return r"\sigma\left(" + printer._print(self.args[0]) + r"\right)"
 
 
+#: Functions that are finite wherever their arguments are (the inputs are finite reals).
+_FINITE_FUNCTIONS = (
+    sympy.Add,
+    sympy.Mul,
+    sympy.Max,
+    sympy.Min,
+    sympy.Abs,
+    sympy.sign,
+    sympy.floor,
+    sympy.ceiling,
+    sympy.exp,
+    sympy.sin,
+    sympy.cos,
+    sympy.tanh,
+    sympy.atan,
+    sympy.atan2,
+    sympy.erf,
+    sympy.erfc,
+    sigmoid,
+)
+
+
+def _surely_finite(value: sympy.Basic) -> bool:
+    """Whether ``value`` is finite for every finite real value of its symbols (False: unknown).
+
+    sympy's own ``is_finite`` is not enough: it calls ``log(x)`` finite for a real ``x``.
+    """
+    if isinstance(value, sympy.Symbol):
+        return True
+    if value.is_Number:
+        return bool(value.is_finite and value.is_extended_real)
+    if isinstance(value, sympy.Pow):
+        return bool(value.exp.is_Integer and value.exp >= 0 and _surely_finite(value.base))
+    if isinstance(value, sympy.Piecewise):
+        return all(_surely_finite(piece) for piece, _ in value.args)
+    if isinstance(value, _FINITE_FUNCTIONS):
+        return all(_surely_finite(arg) for arg in value.args)
+    return False
+
+
+class isfinite(sympy.logic.boolalg.BooleanFunction):
+    """``jnp.isfinite`` of a formula, printed ``isfinite(u)``.
+
+    True where the formula is finite for every finite real input (``isfinite(x**2 + 1)``), and
+    kept otherwise (``isfinite(log(x))``, which is False at ``x = 0``), so that
+    ``jnp.where(jnp.isfinite(u), u, 0)`` keeps both of its cases.
+    """
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_number:
+            value = arg.evalf()
+            finite = value.is_extended_real is True and value.is_finite is True
+            return sympy.true if finite else sympy.false
+        if _surely_finite(arg):
+            return sympy.true
+        return None
+
+    def _eval_simplify(self, **kwargs):
+        # BooleanFunction's own simplification treats the call as a truth-table variable and
+        # can drop it (isfinite(log(x)) became True).
+        return self.func(sympy.simplify(self.args[0], **kwargs))
+
+
+#: NumPy versions of gradkit's sympy functions, for :meth:`Expression.evaluate`'s float64 path.
+_NUMPY_FUNCTIONS = {
+    "sigmoid": lambda u: 1 / (1 + np.exp(-u)),
+    "isfinite": np.isfinite,
+}
+
+
 class UnsupportedPrimitiveError(NotImplementedError):
     """A primitive of the traced program has no symbolic rule."""
 
@@ -119,25 +195,42 @@ class Expression:
         """Evaluates the formula at ``args`` (laid out like the example arguments), in float64.
 
         Useful to check a formula against the function it came from. Returns NumPy float64 arrays
-        in the output structure.
+        in the output structure. Boolean arguments are substituted as true and false. Where the
+        formula has no finite real value (``log(0)``, ``1/0``, ``sqrt(-1)``) the result is what
+        NumPy's float64 arithmetic gives there, ``-inf``, ``inf`` or ``nan``, as in JAX.
         """
         leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(args)]
-        values = np.concatenate(leaves) if leaves else np.zeros(0)
-        if values.size != len(self.variables):
+        values = [value for leaf in leaves for value in leaf]
+        if len(values) != len(self.variables):
             raise ValueError(
                 f"Expression.evaluate: the formula has {len(self.variables)} input element(s) "
-                f"({', '.join(self.variables)}), got {values.size}"
+                f"({', '.join(self.variables)}), got {len(values)}"
             )
+        symbols = list(self.variables.values())
         point = {
-            symbol: sympy.Float(float(value), 30)
-            for symbol, value in zip(self.variables.values(), values, strict=True)
+            symbol: sympy.true
+            if value is np.True_
+            else sympy.false
+            if value is np.False_
+            else sympy.Float(float(value), 30)
+            for symbol, value in zip(symbols, values, strict=True)
         }
 
         def number(element: sympy.Basic) -> float:
-            value = sympy.sympify(element).subs(point)
-            if isinstance(value, sympy.logic.boolalg.BooleanAtom):
-                return float(bool(value))
-            return float(sympy.N(value, 30))
+            try:
+                value = sympy.sympify(element).subs(point)
+                if isinstance(value, sympy.logic.boolalg.BooleanAtom):
+                    return float(bool(value))
+                value = sympy.N(value, 30)
+                if value.is_extended_real:
+                    return float(value)
+            except TypeError:  # a comparison with an infinite value (zoo > 1) in a condition
+                pass
+            # No finite real value: sympy's zoo, nan or a complex number. Float64 arithmetic
+            # tells -inf from inf and nan, as JAX does.
+            numeric = sympy.lambdify(symbols, element, modules=[_NUMPY_FUNCTIONS, "numpy"])
+            with np.errstate(all="ignore"):
+                return float(numeric(*(np.float64(v) for v in values)))
 
         def leaf(value: Any) -> np.ndarray:
             if isinstance(value, sympy.NDimArray):
@@ -225,9 +318,12 @@ def _number(value: Any, dtype: np.dtype) -> sympy.Basic:
         return sympy.Float(digits, stored)
     # A fraction with a small denominator that rounds to this constant in its own dtype
     # (0.5, 1/3, 0.1) is what the author wrote; anything else keeps its shortest decimal.
-    fraction = fractions.Fraction(as_float).limit_denominator(_MAX_DENOMINATOR)
-    if dtype.type(fraction.numerator / fraction.denominator) == typed:
-        return sympy.Rational(fraction.numerator, fraction.denominator)
+    # The smallest denominator wins: in a coarse dtype several fractions round to the constant
+    # (bfloat16's 0.3 is also 28/93), and the author wrote the simplest.
+    for denominator in range(2, _MAX_DENOMINATOR + 1):
+        numerator = round(as_float * denominator)
+        if dtype.type(numerator / denominator) == typed:
+            return sympy.Rational(numerator, denominator)
     significant = len(digits.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
     return sympy.Float(digits, max(significant, stored))
 
@@ -271,6 +367,12 @@ def parameter_names(fun: Callable, count: int, names: Sequence[str] | None = Non
             raise ValueError(
                 f"expression: names must be {count} non-empty strings, one per example argument; "
                 f"got {names!r}"
+            )
+        if len(set(names)) != len(names):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(
+                f"expression: names must differ (two arguments would be one symbol); "
+                f"{', '.join(map(repr, repeated))} given twice in {names!r}"
             )
         return names
     found: list[str] = []
@@ -403,8 +505,9 @@ _UNARY: dict[str, Callable[[sympy.Basic], sympy.Basic]] = {
     "lgamma": sympy.loggamma,
     "digamma": sympy.digamma,
     "not": lambda a: sympy.Not(_as_bool(a)),
-    # Variables are finite reals; the checks jnp inserts for inf/nan are therefore true.
-    "is_finite": lambda a: sympy.true,
+    # Variables are finite reals, so the checks jnp inserts (logsumexp's of its maximum) are
+    # true; an intermediate value can still be infinite (log(0)).
+    "is_finite": isfinite,
     "stop_gradient": lambda a: a,
     "copy": lambda a: a,
     "copy_p": lambda a: a,
@@ -452,6 +555,7 @@ _CALLS = (
     "closed_call",
     "core_call",
     "remat",
+    "remat2",
     "checkpoint",
     "custom_jvp_call",
     "custom_vjp_call",
@@ -601,6 +705,13 @@ class _Interpreter:
         name = eqn.primitive.name
         params = eqn.params
         out_avals = [v.aval for v in eqn.outvars]
+        if name in ("and", "or", "xor", "not", "reduce_and", "reduce_or") and (
+            out_avals[0].dtype != np.bool_
+        ):
+            raise UnsupportedPrimitiveError(
+                f"expression: bitwise {name!r} of {out_avals[0].dtype} integers{self.where(eqn)} "
+                "has no symbolic rule (logical and/or/xor/not of booleans have)"
+            )
         if name in _UNARY:
             return [_map(_UNARY[name], inputs[0])]
         if name in _BINARY:
@@ -819,12 +930,18 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.dtype == object
 
 
+#: Effects that only print or call back to the host: no part of the formula.
+_OUTPUT_ONLY = ("debug_print", "debug_callback")
+
+
 def _live_equations(jaxpr) -> list[Any]:
     """The equations the outputs depend on, in order (a gradient's jaxpr drops forward values)."""
     needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
     live = []
     for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars) or eqn.effects:
+        if any(v in needed for v in eqn.outvars) or (
+            eqn.effects and eqn.primitive.name not in _OUTPUT_ONLY
+        ):
             live.append(eqn)
             needed.update(v for v in eqn.invars if not isinstance(v, Literal))
     live.reverse()
@@ -835,17 +952,21 @@ def _live_equations(jaxpr) -> list[Any]:
 # Tidying
 
 
-def _tidy(value: sympy.Basic, symbols: Sequence[sympy.Symbol]) -> sympy.Basic:
+def _tidy(
+    value: sympy.Basic, symbols: Sequence[sympy.Symbol], thorough: bool = True
+) -> sympy.Basic:
     """Writes a formula the way a person would.
 
     Polynomials are expanded into sympy's canonical sum of monomials (``4*x**3 + 3*x**2 + 2*x``,
     not a factored form). Anything else is written with the fewest operations among: the
-    formula as traced, the same with every ``1/(1 + exp(-u))`` written ``sigmoid(u)`` (and
-    ``exp(-u)`` next to it as ``(1 - sigmoid(u))/sigmoid(u)``), and ``sympy.simplify``'s result;
-    on a tie the earlier one in that list wins.
+    formula with every ``1/(1 + exp(-u))`` written ``sigmoid(u)`` (and ``exp(-u)`` next to it as
+    ``(1 - sigmoid(u))/sigmoid(u)``), the formula as traced, and, when ``thorough``,
+    ``sympy.simplify``'s result; on a tie the earlier one in that list wins.
     """
     if not isinstance(value, sympy.Expr):
-        return sympy.simplify(value) if isinstance(value, sympy.Basic) else value
+        if isinstance(value, sympy.Basic) and thorough:
+            return sympy.simplify(value)
+        return value
     if value.has(sympy.Piecewise):
         value = sympy.piecewise_fold(value)
     elif value.is_polynomial(*symbols):
@@ -854,7 +975,8 @@ def _tidy(value: sympy.Basic, symbols: Sequence[sympy.Symbol]) -> sympy.Basic:
     recognised = _recognise_sigmoid(value)
     if recognised != value:
         candidates.insert(0, recognised)
-    candidates.append(sympy.simplify(value))
+    if thorough:
+        candidates.append(sympy.simplify(value))
     return min(candidates, key=sympy.count_ops)
 
 
@@ -904,7 +1026,13 @@ def trace_expression(
     outputs = _Interpreter().run(closed.jaxpr, closed.consts, inputs)
     symbols = list(variables.values())
     if simplify:
-        outputs = [_map(lambda e: _tidy(e, symbols), out) for out in outputs]
+        # sympy.simplify's time grows quickly with the formula: 1 s for each element of a 2x2
+        # tanh layer's gradient, minutes for a 4x4 one. Above the budget it is skipped.
+        size = sum(
+            sympy.count_ops(e) for out in outputs for e in out.flat if isinstance(e, sympy.Basic)
+        )
+        thorough = size <= SIMPLIFY_MAX_OPS
+        outputs = [_map(lambda e: _tidy(e, symbols, thorough), out) for out in outputs]
     leaves = [_to_sympy(out) for out in outputs]
     tree = jax.tree_util.tree_structure(out_shape)
     return Expression(jax.tree_util.tree_unflatten(tree, leaves), variables)

@@ -612,19 +612,26 @@ def expression(
     ``sigmoid(x)*(1 - sigmoid(x))``. With ``simplify=True`` polynomials are expanded
     (``4*x**3 + 3*x**2 + 2*x``); other formulas are written with the fewest operations among the
     traced form, the form with ``1/(1 + exp(-u))`` written ``sigmoid(u)``, and
-    ``sympy.simplify``'s. Constants are shown as fractions when a fraction with a denominator up to
-    100 rounds to them (``x/2``), otherwise with their shortest decimal.
+    ``sympy.simplify``'s, the last only for formulas of at most 200 operations in all
+    (``sympy.simplify`` takes seconds per element of a 3x3 layer's gradient, minutes for larger
+    ones). Constants are shown as fractions when a fraction with a denominator up to 100 rounds to
+    them (the smallest such denominator: ``x/2``, ``3*x/10``), otherwise with their shortest
+    decimal.
 
     Supported: arithmetic, powers, exp/log/log1p/expm1, trigonometric and hyperbolic functions,
     logistic, sqrt/rsqrt/cbrt, abs, sign, max/min, comparisons and ``where`` (as ``Piecewise``),
     type conversions, reductions, ``dot_general``, reshapes, slices and concatenation, and
     ``jit``/``custom_jvp``/``custom_vjp``/``cond`` (their bodies are read) and scans of at most
-    64 steps (unrolled); ``stop_gradient`` is the identity. Arrays may have at most 1024 elements.
+    64 steps (unrolled), ``jax.checkpoint``; ``stop_gradient`` is the identity and
+    ``jax.debug.print`` is skipped. ``jnp.isfinite`` of a formula that is finite for all finite
+    real inputs is true; otherwise it stays ``isfinite(u)`` (``log(x)`` is infinite at 0). Integer
+    bitwise operations have no rule. Arrays may have at most 1024 elements.
 
     Args:
       f: the function to write out.
       *example_args: positional arguments to trace ``f`` with (any pytrees).
-      simplify: tidy the formula as described above; ``False`` gives the traced form.
+      simplify: tidy the formula as described above; ``False`` gives the traced form (and
+        is the quick choice for large formulas).
       names: one variable name per example argument, instead of ``f``'s parameter names.
 
     Returns:
@@ -636,7 +643,8 @@ def expression(
       ImportError: sympy is not installed (``pip install "gradkit[symbolic]"``).
       NotImplementedError: the traced program uses a primitive without a symbolic rule; the
         message names the primitive and the source line it came from.
-      ValueError: an argument or intermediate array has more than 1024 elements.
+      ValueError: an argument or intermediate array has more than 1024 elements, or ``names``
+        does not give one distinct name per example argument.
 
     Example:
       Seed 003: the derivative of :math:`x^2 + x^3 + x^4` and of the logistic function.

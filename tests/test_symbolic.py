@@ -361,3 +361,105 @@ def test_expression_type_is_exported_lazily():
     assert isinstance(expression(polynomial, 1.0), derivatives.Expression)
     with pytest.raises(AttributeError, match="no attribute 'Expresion'"):
         derivatives.Expresion  # noqa: B018
+
+
+# --------------------------------------------------------------------------------------------
+# Values a formula must not get wrong, and programs it must read
+
+
+def test_integer_bitwise_operations_are_refused_not_read_as_logic():
+    # n & 2 is 2 for n = 3; read as a logical and it would be 1 and the formula x*(n & 2) wrong.
+    for f, args in [
+        (lambda x, n: x * (n & 2), (1.0, 3)),
+        (lambda x, n: x * (n | 4), (1.0, 3)),
+        (lambda x, n: x * (n ^ 1), (1.0, 3)),
+        (lambda n: ~n, (3,)),
+    ]:
+        with pytest.raises(NotImplementedError, match="bitwise"):
+            expression(f, *args)
+    # Logical operations on booleans still have their rules.
+    formula = expression(lambda x, y: jnp.where((x > 0) & ~(y > 0), x, y), 1.0, 2.0)
+    assert formula.evaluate(1.0, -1.0) == 1.0
+    assert formula.evaluate(1.0, 2.0) == 2.0
+
+
+def test_checkpointed_functions_are_read_through():
+    def f(x):
+        return jnp.sin(x) * x
+
+    assert str(expression(jax.checkpoint(f), 1.0)) == "x*sin(x)"
+    assert str(expression(jax.grad(jax.checkpoint(f)), 1.0)) == "x*cos(x) + sin(x)"
+
+
+def test_isfinite_of_a_formula_that_can_be_infinite_is_kept():
+    def safe_log(x):
+        return jnp.where(jnp.isfinite(jnp.log(x)), jnp.log(x), 0.0)
+
+    formula = expression(safe_log, 1.0)
+    assert "isfinite(log(x))" in str(formula)
+    for x in (0.0, -1.0, 2.0):
+        np.testing.assert_allclose(formula.evaluate(x), safe_log(x), rtol=1e-6)
+    # Where the formula is finite for every finite input the check is true (logsumexp's check
+    # of its maximum), so the formula stays readable.
+    assert str(expression(jax.nn.logsumexp, jnp.ones(2))) == "log(exp(a[0]) + exp(a[1]))"
+    assert str(expression(lambda x: jnp.where(jnp.isfinite(x * x + 1), x, 0.0), 1.0)) == "x"
+
+
+@pytest.mark.parametrize(
+    ("f", "x"),
+    [(jnp.log, 0.0), (jnp.log, -1.0), (jnp.sqrt, -1.0), (lambda x: 1 / x, 0.0)],
+)
+def test_evaluate_gives_jax_infinities_and_nans(f, x):
+    with enable_x64():
+        want = f(jnp.float64(x))
+    got = expression(f, 1.0).evaluate(x)
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_evaluate_takes_boolean_arguments():
+    formula = expression(lambda x, b: jnp.where(b, x, -x), 1.0, True)
+    assert formula.evaluate(2.0, True) == 2.0
+    assert formula.evaluate(2.0, False) == -2.0
+
+
+@pytest.mark.parametrize(
+    ("constant", "shown"), [(0.3, "3*x/10"), (0.9, "9*x/10"), (1.7, "17*x/10"), (0.15, "3*x/20")]
+)
+def test_bfloat16_constants_are_the_simplest_fraction_that_rounds_to_them(constant, shown):
+    # bfloat16's 0.3 is also 28/93 to its 8 bits; the author wrote 3/10.
+    assert str(expression(lambda x: jnp.bfloat16(constant) * x, jnp.bfloat16(1.0))) == shown
+    assert str(expression(lambda x: constant * x, 1.0)) == shown
+
+
+def test_repeated_names_are_refused():
+    with pytest.raises(ValueError, match="'a' given twice"):
+        expression(lambda x, y: x - y, 1.0, 2.0, names=["a", "a"])
+
+
+def test_debug_prints_are_not_part_of_the_formula():
+    def f(x):
+        jax.debug.print("x = {}", x)
+        return 2 * x
+
+    assert str(expression(f, 1.0)) == "2*x"
+
+
+def test_large_formulas_skip_sympy_simplify():
+    # A 4x4 tanh layer's gradient took minutes in sympy.simplify; above the operation budget the
+    # formula keeps its traced (or sigmoid) form and is still correct.
+    def loss(W, x):
+        return jnp.sum(jnp.tanh(W @ x) ** 2)
+
+    W, x = np.linspace(-1, 1, 16).reshape(4, 4), np.linspace(0.5, -0.5, 4)
+    formula = expression(jax.grad(loss), jnp.ones((4, 4)), jnp.ones(4))
+    size = sum(sympy.count_ops(e) for e in sympy.flatten(formula.sympy.tolist()))
+    assert size > _symbolic.SIMPLIFY_MAX_OPS
+    with enable_x64():
+        want = jax.grad(loss)(jnp.asarray(W), jnp.asarray(x))
+    np.testing.assert_allclose(formula.evaluate(W, x), want, rtol=1e-12)
+    # Small formulas are still simplified.
+    small = jax.grad(lambda x: jnp.tanh(x) ** 2)
+    assert str(expression(small, 1.0, simplify=False)) == (
+        "2*(1 - tanh(x))*tanh(x)**2 + 2*(1 - tanh(x))*tanh(x)"
+    )
+    assert str(expression(small, 1.0)) == "2*tanh(x)/cosh(x)**2"
