@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     x_sym = sympy.Symbol("x", real=True)
-    sigmoid = type(expression(jax.nn.sigmoid, 1.0).sympy)  # gradkit's sympy sigmoid
+    sigmoid_x = expression(jax.nn.sigmoid, 1.0).sympy  # gradkit's sympy sigmoid(x)
 
     print("== 1. Gradients, read as formulas (Theano: pp(f.maker.fgraph.outputs[0]))")
     grad_formula = expression(jax.grad(polynomial), 1.0)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         source="formula",
     )
     logistic_formula = expression(jax.grad(logistic), 1.0)
-    theano_logistic = sigmoid(-x_sym) * sigmoid(x_sym)
+    theano_logistic = sigmoid_x.subs(x_sym, -x_sym) * sigmoid_x
     show(
         "d/dx 1/(1 + exp(-x))",
         "expression(jax.grad(logistic), 1.0)",

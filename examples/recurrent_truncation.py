@@ -34,18 +34,23 @@ from gradkit.recurrent import RNN, SimpleRNN, TheanoTail  # noqa: E402
 
 N_SEQ, N_STEPS, N_FEAT, N_CLASS = 10, 10_000, 2, 2
 
-WHY = """\
+INVERSE_STEPS = f"{1 / N_STEPS:.0e}".replace("e-0", "e-")  # 1e-4
+
+WHY = f"""\
 Why: Theano's scan(truncate_gradient=k), which Lasagne's gradient_steps=k sets, does not limit
 how far each loss term back-propagates; it runs only the last k steps of the backward pass. With
-gradient_steps=1, only the step-10,000 output sends any gradient to W and b: the 99,990 loss
+gradient_steps=1, only the step-{N_STEPS:,} output sends any gradient to W and b: the \
+{N_SEQ * (N_STEPS - 1):,} loss
 terms at earlier steps contribute nothing, not even their direct (feed-forward) term, although
 the recurrent weights are 0 and there is nothing to truncate. The gradient is therefore that of
-10 of the 100,000 averaged loss terms, about 1/n_steps = 1e-4 of the true one. gradkit's
+{N_SEQ} of the {N_SEQ * N_STEPS:,} averaged loss terms, of the order of 1/n_steps = \
+{INVERSE_STEPS} of the true one. gradkit's
 truncation instead lets every cotangent cross at most k steps: Chunked(1) (TBPTT(1,1)) and
 Window(1) (TBPTT(1,1) too, uniform in time) keep every loss term's direct gradient, so with the
 recurrence switched off they give exactly the feed-forward gradient, as they must. TheanoTail(k)
 reproduces Theano's number on request and is never the default. (The true gradient for b is
-itself tiny, a sum of 100,000 terms of random sign that nearly cancel, so the 1e-4 ratio shows
+itself tiny, a sum of {N_SEQ * N_STEPS:,} terms of random sign that nearly cancel, so the \
+1/n_steps ratio shows
 on W; for b, TheanoTail(1) is simply unrelated to the true value.)"""
 
 
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
     print(f"    dL/dW = {np.ravel(grads['recurrent, Chunked(1)']['kernel'])}  (the true gradient)")
     print("  Lasagne gradient_steps=1 = Theano truncate_gradient=1 = TheanoTail(1),")
     print("  reproduced with RNN(cell, truncate=TheanoTail(1)):")
-    print(f"    dL/dW = {np.ravel(tail['kernel'])}  (about 1e-4 of it)")
+    print(f"    dL/dW = {np.ravel(tail['kernel'])}  ({ratio:.1e} of it in norm)")
 
     print("\n" + WHY)
 

@@ -350,7 +350,7 @@ def theano_answer_demo() -> tuple[np.ndarray, np.ndarray]:
         print(f"   x = {x:+.1f}:  y = {v:.1f}  dy/dw = {d:+.1f}")
     print(
         "   (gradkit's derivative at the boundaries x = +-2.5 is 0: the flat region is closed, "
-        "as in jax.nn and PyTorch; Theano's clip gave 0.2 there.)"
+        "as in jax.nn and PyTorch; Theano's clip passed the slope 0.2 there, dy/dw = +-0.5.)"
     )
     return np.asarray(values), np.asarray(slopes)
 

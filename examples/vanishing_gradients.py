@@ -37,6 +37,7 @@ from gradkit.diagnostics import (  # noqa: E402, RUF100
     latest_health,
     layer_boundary,
     log_health,
+    plot_norm_history,
 )
 
 STEPS = 10_000  # as in the post
@@ -144,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from gradkit._health_plot import plot_norm_history
-
     diagnose_inputs = jax.random.uniform(
         jax.random.key(1), (DIAGNOSE_SAMPLES, 1), minval=-1.0, maxval=1.0
     )
@@ -220,11 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, passed in checks.items():
         print(f"[{'ok' if passed else 'FAILED'}] {name}")
     first = three[0].layer("dense_0")
-    print(
-        f"Verdict: the 3-layer net has vanishing gradients starting in its first layer dense_0 "
-        f"(gradient norm {first.grad_norm:.2e} vs {three[0].layer('dense_2').grad_norm:.2e} at "
-        f"the output layer); the 2-layer net does not."
+    diagnosed = (
+        checks["3-layer net flagged vanishing, starting in its first layer dense_0"]
+        and checks["2-layer net not flagged vanishing"]
     )
+    if diagnosed:
+        print(
+            f"Verdict: the 3-layer net has vanishing gradients starting in its first layer "
+            f"dense_0 (gradient norm {first.grad_norm:.2e} vs "
+            f"{three[0].layer('dense_2').grad_norm:.2e} at the output layer); the 2-layer net "
+            f"does not."
+        )
+    else:
+        print(
+            f"Verdict: NOT the expected diagnosis: the 3-layer net's vanishing layers "
+            f"{three[0].flagged('vanishing')}, the 2-layer net's {two[0].flagged('vanishing')}."
+        )
     cotangents = [three[0].layer(f"dense_{i}").cotangent_norm for i in (2, 1, 0)]
     shrink = [after / before for before, after in itertools.pairwise(cotangents)]
     print(
@@ -234,10 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         f"net's error stays at {three[4]:.3f} (the best constant predicts 1/3) while the 2-layer "
         f"net reaches {two[4]:.4f}."
     )
+    best = three[0].recommendations[0].name if three[0].recommendations else "-"
+    fixed_ok = (
+        checks["fix clears the vanishing flag"]
+        and checks["fix makes the training error fall (below 0.05 and below the broken net's)"]
+    )
+    outcome = (
+        f"clears the flag and the error falls from {fixed[3]:.3f} to {fixed[4]:.4f}"
+        if fixed_ok
+        else f"did NOT work as expected (vanishing layers {fixed[0].flagged('vanishing')}, "
+        f"error {fixed[3]:.3f} before and {fixed[4]:.4f} after)"
+    )
     print(
-        f"Verdict: fix: Xavier init + bias 0.1 clears the flag and the error falls from "
-        f"{fixed[3]:.3f} to {fixed[4]:.4f} in {STEPS} steps; best fix tried by diagnose on the "
-        f"same batch: {three[0].recommendations[0].name if three[0].recommendations else '-'}."
+        f"Verdict: fix: Xavier init + bias 0.1 {outcome} in {STEPS} steps; best fix tried by "
+        f"diagnose on the same batch: {best}."
     )
     print(f"Files written to {out}")
     return 0 if all(checks.values()) else 1

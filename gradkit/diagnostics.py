@@ -25,6 +25,7 @@ from gradkit._health import health_monitor as health_monitor
 from gradkit._health import latest_health as latest_health
 from gradkit._health import layer_boundary as layer_boundary
 from gradkit._health import log_health as log_health
+from gradkit._health_plot import plot_norm_history as plot_norm_history
 from gradkit._locate import EquationFinding as EquationFinding
 from gradkit._locate import ExpectedDeviation as ExpectedDeviation
 from gradkit._locate import GradientLocation as GradientLocation

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gradkit import _health
-from gradkit.diagnostics import diagnose, layer_boundary
+from gradkit.diagnostics import diagnose, layer_boundary, plot_norm_history
 from gradkit.layers import MLP
 
 
@@ -478,6 +478,25 @@ def test_report_renders_as_text_dict_html_and_png(seed_report, tmp_path):
     figure = report.plot(tmp_path / "report.png")
     assert len(figure.axes) >= 2
     image = matplotlib.image.imread(tmp_path / "report.png")
+    assert image.ndim == 3 and image.shape[1] > 600 and image[..., :3].std() > 0.05
+
+
+def test_norm_history_plot_marks_flagged_layers_and_skips_zero_norms(tmp_path):
+    steps = [0, 100, 200]
+    histories = {
+        "broken": (steps, {"dense_0": [1e-9, 0.0, 1e-10], "dense_1": [1e-3, 1e-3, 2e-3]}),
+        "fixed": (steps, {"dense_0": [0.1, 0.2, 0.1], "dense_1": [0.3, 0.2, 0.1]}),
+    }
+    figure = plot_norm_history(histories, tmp_path / "norms.png", flagged={"broken": ["dense_0"]})
+    broken, fixed = figure.axes
+    assert broken.get_title() == "broken" and broken.get_yscale() == "log"
+    lines = {line.get_label(): line for line in broken.get_lines() if line.get_label()[0] != "_"}
+    assert set(lines) == {"dense_0 (flagged)", "dense_1"}
+    assert lines["dense_0 (flagged)"].get_color() == "red"
+    # A zero norm has no place on a log scale: it is a gap, not a point at the axis' bottom.
+    assert np.isnan(lines["dense_0 (flagged)"].get_ydata()[1])
+    assert all(line.get_color() != "red" for line in fixed.get_lines())
+    image = matplotlib.image.imread(tmp_path / "norms.png")
     assert image.ndim == 3 and image.shape[1] > 600 and image[..., :3].std() > 0.05
 
 
