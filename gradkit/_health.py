@@ -263,10 +263,7 @@ def _fast_leaf_stats(
     :func:`jax.lax.cond` takes the exact path for this leaf.
     """
     size = x.size
-    rows = x.reshape(_reduction_shape(x.shape))
-    maxima, sums = _variadic_reduce(
-        [jnp.abs(rows)], [rows, jnp.square(rows), (rows == 0).astype(x.dtype)]
-    )
+    maxima, sums = _variadic_reduce([jnp.abs(x)], [x, jnp.square(x), (x == 0).astype(x.dtype)])
     max_abs = maxima[0]
     total, square_sum, zeros = sums[0], sums[1], sums[2]
     mean = total / size
@@ -310,24 +307,34 @@ def _fast_leaf_stats(
     return stats, param_norm, update_norm
 
 
-def _reduction_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Rows to reduce a large leaf in: its last axis when that is long enough, else the longest
-    divisor of its size up to 4096 that is at least its square root (one row if none is)."""
-    size = math.prod(shape)
-    if len(shape) >= 2 and shape[-1] >= 64:
-        return size // shape[-1], shape[-1]
-    for width in range(min(4096, size), 0, -1):
-        if width * width < size:
-            break
-        if size % width == 0:
-            return size // width, width
-    return 1, size
+#: Longest row of the row-wise reductions of large leaves. XLA:CPU adds up a variadic
+#: reduction's row sequentially (its tree-reduction rewrite skips variadic reductions), so the
+#: row length bounds the rounding: in float32 a sequential sum of 2**25 ones is 2**24.
+ROW_WIDTH = 1024
 
 
-def _variadic_reduce(maxima: list[jax.Array], sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """The maxima of the ``(rows, width)`` arrays ``maxima`` and the sums of those of ``sums``
-    (all of one dtype), all in one pass: a row-wise variadic reduction, then one stacked
-    reduction of the row results. Returns the maxima and the sums, each stacked in order.
+def _as_rows(x: jax.Array) -> jax.Array:
+    """``x`` as ``(rows, width)`` rows of at most :data:`ROW_WIDTH` entries: its last axis when
+    that is 64 to ``ROW_WIDTH`` long, else rows of ``ROW_WIDTH`` with the last one completed with
+    zeros (the identity of the sums, and of the maxima of the non-negative values reduced
+    here)."""
+    if x.ndim >= 2 and 64 <= x.shape[-1] <= ROW_WIDTH:
+        return x.reshape(-1, x.shape[-1])
+    flat = x.ravel()
+    width = max(min(flat.size, ROW_WIDTH), 1)
+    missing = -flat.size % width
+    if missing:
+        flat = jnp.pad(flat, (0, missing))
+    return flat.reshape(-1, width)
+
+
+def _variadic_reduce(
+    maxima: list[jax.Array], sums: list[jax.Array]
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """The maxima of the non-negative arrays ``maxima`` and the sums of the arrays ``sums`` (all
+    of one shape and dtype), all in one pass: a variadic reduction of their rows
+    (:func:`_as_rows`), then one stacked reduction of the row results. Returns the maxima and
+    the sums, each stacked in order (None for an empty list).
 
     XLA:CPU fuses the element-wise producers of a variadic reduction into its loop, where it
     hands single reductions to a vectorised library that takes its input materialised: a leaf-
@@ -336,7 +343,7 @@ def _variadic_reduce(maxima: list[jax.Array], sums: list[jax.Array]) -> tuple[ja
     step page-faults it in), and outside one costs a pass over memory per statistic. Row by
     row, a sum's rounding grows with the row length, not with the leaf size.
     """
-    operands = (*maxima, *sums)
+    operands = tuple(_as_rows(x) for x in (*maxima, *sums))
     zeros = tuple(jnp.zeros((), row.dtype) for row in operands)
     split = len(maxima)
 
@@ -348,8 +355,10 @@ def _variadic_reduce(maxima: list[jax.Array], sums: list[jax.Array]) -> tuple[ja
 
     # The row results are small: one stacked reduction of them needs fewer buffers than a
     # second variadic one (each operand of a variadic reducer is a buffer of its own).
-    partial = jnp.stack(lax.reduce(operands, zeros, reducer, (1,)))
-    return jnp.max(partial[:split], axis=1), jnp.sum(partial[split:], axis=1)
+    partial = lax.reduce(operands, zeros, reducer, (1,))
+    top = jnp.max(jnp.stack(partial[:split]), axis=1) if split else None
+    total = jnp.sum(jnp.stack(partial[split:]), axis=1) if len(partial) > split else None
+    return top, total
 
 
 def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | LeafStats, ...]:
@@ -378,7 +387,7 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     dtype = functools.reduce(
         jnp.promote_types, [_compute_dtype(jnp.asarray(leaf).dtype) for leaf in others], x.dtype
     )
-    shape = _reduction_shape(x.shape)
+    shape = x.shape  # large leaves are reduced in rows of it (see _as_rows)
     x = x.ravel()
     leaves = [x.astype(dtype), *(jnp.asarray(leaf).astype(dtype).ravel() for leaf in others)]
     # A small leaf's statistics cost little beyond the number of operations: stack the rows of
@@ -424,9 +433,8 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     else:
         # A second output keeps this a variadic reduction (a single one would be handed to the
         # vectorised library, which takes its input materialised); it is not needed otherwise.
-        squared_deviation = _variadic_reduce(
-            [], [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
-        )[1][0]
+        rows = [jnp.square(deviation).reshape(shape), finite[0].astype(dtype).reshape(shape)]
+        squared_deviation = _variadic_reduce([], rows)[1][0]
     norms = scales * jnp.sqrt(sums[1:])
     stats = LeafStats(
         norm=norms[0].astype(x.dtype),

@@ -634,3 +634,20 @@ def test_fast_statistics_read_a_large_gradient_in_one_fused_pass():
         and any(getattr(v.aval, "size", 0) >= g.size for v in e.invars)
     ]
     assert [(e.primitive.name, len(e.invars)) for e in over_leaf] == [("reduce", 8)]
+
+
+def test_leaves_beyond_a_float32_sequential_sum_keep_their_statistics():
+    # XLA:CPU adds a variadic reduction's row up sequentially; in one row a float32 sum of 2**25
+    # squares of +-1 stops growing at 2**24 (the norm read 4096, not 5793). Rows are at most
+    # ROW_WIDTH long on both paths, padded with zeros that no statistic counts.
+    n = 2**25
+    alternating = jnp.where(jnp.arange(n) % 2 == 0, 1.0, -1.0).reshape(2**20, 32)  # fast path
+    ones = jnp.ones((n + 3,), jnp.float32)  # zero variance: the exact path; last row padded
+    for g, mean, std in [(alternating, 0.0, 1.0), (ones, 1.0, 0.0)]:
+        for stats in (jax.jit(gradient_stats)({"w": g})["w"], _branch_stats({"w": g})["w"]):
+            np.testing.assert_allclose(stats.norm, np.sqrt(g.size), rtol=1e-6)
+            np.testing.assert_allclose(stats.mean, mean, atol=1e-6)
+            np.testing.assert_allclose(stats.std, std, atol=1e-6)
+            assert float(stats.zero_fraction) == 0.0
+            assert float(stats.max_abs) == 1.0
+            assert int(stats.log2_histogram.sum()) == g.size
