@@ -109,6 +109,17 @@ def plot_norm_history(
 
     Returns:
       The matplotlib ``Figure``.
+
+    Example:
+      Norms read from :func:`~gradkit.diagnostics.health_monitor`'s statistics every 100 steps:
+
+      >>> from gradkit.diagnostics import plot_norm_history
+      >>> figure = plot_norm_history(
+      ...     {"3 layers": ([0, 100, 200], {"dense_0": [1e-9, 2e-9, 1e-9], "dense_1": [1e-3] * 3})},
+      ...     flagged={"3 layers": ["dense_0"]},
+      ... )
+      >>> figure.axes[0].get_yscale()
+      'log'
     """
     plt = _pyplot()
     fig, axes = plt.subplots(

@@ -41,6 +41,9 @@ MAX_ELEMENTS = 1024
 #: Largest denominator for which a constant such as 0.5 or 1/3 is shown as a fraction.
 _MAX_DENOMINATOR = 100
 
+#: Largest numerator of such a fraction.
+_MAX_NUMERATOR = 1000
+
 #: Largest formula (``sympy.count_ops`` over all outputs) that ``simplify=True`` hands to
 #: ``sympy.simplify``; larger ones are only expanded or given their sigmoid form.
 SIMPLIFY_MAX_OPS = 200
@@ -92,17 +95,15 @@ class sigmoid(sympy.Function):
         return r"\sigma\left(" + printer._print(self.args[0]) + r"\right)"
 
 
-#: Functions that are finite wherever their arguments are (the inputs are finite reals).
+#: Functions that are finite wherever their arguments are, also in floating point (so not
+#: ``exp``: ``jnp.where(jnp.isfinite(jnp.exp(x)), jnp.exp(x), 0)`` guards against its overflow).
 _FINITE_FUNCTIONS = (
-    sympy.Add,
-    sympy.Mul,
     sympy.Max,
     sympy.Min,
     sympy.Abs,
     sympy.sign,
     sympy.floor,
     sympy.ceiling,
-    sympy.exp,
     sympy.sin,
     sympy.cos,
     sympy.tanh,
@@ -114,30 +115,40 @@ _FINITE_FUNCTIONS = (
 )
 
 
+def _finite_number(value: sympy.Basic) -> bool:
+    """Whether a number (``2``, ``pi``, ``log(0)`` = zoo, ``sqrt(-1)``) is a finite real."""
+    value = value.evalf()
+    return value.is_extended_real is True and value.is_finite is True
+
+
 def _surely_finite(value: sympy.Basic) -> bool:
     """Whether ``value`` is finite for every finite real value of its symbols (False: unknown).
 
-    sympy's own ``is_finite`` is not enough: it calls ``log(x)`` finite for a real ``x``.
+    sympy's own ``is_finite`` is not enough: it calls ``log(x)`` finite for a real ``x``. Sums
+    and products of finite terms count as finite (their floating-point overflow is not
+    modelled); ``exp`` and powers of unknown sign do not.
     """
     if isinstance(value, sympy.Symbol):
         return True
-    if value.is_Number:
-        return bool(value.is_finite and value.is_extended_real)
+    if value.is_number:
+        return _finite_number(value)
     if isinstance(value, sympy.Pow):
         return bool(value.exp.is_Integer and value.exp >= 0 and _surely_finite(value.base))
     if isinstance(value, sympy.Piecewise):
         return all(_surely_finite(piece) for piece, _ in value.args)
-    if isinstance(value, _FINITE_FUNCTIONS):
+    if isinstance(value, (sympy.Add, sympy.Mul, *_FINITE_FUNCTIONS)):
         return all(_surely_finite(arg) for arg in value.args)
     return False
 
 
-class isfinite(sympy.logic.boolalg.BooleanFunction):
+class isfinite(sympy.logic.boolalg.Boolean, sympy.core.function.Application):
     """``jnp.isfinite`` of a formula, printed ``isfinite(u)``.
 
     True where the formula is finite for every finite real input (``isfinite(x**2 + 1)``), and
     kept otherwise (``isfinite(log(x))``, which is False at ``x = 0``), so that
-    ``jnp.where(jnp.isfinite(u), u, 0)`` keeps both of its cases.
+    ``jnp.where(jnp.isfinite(u), u, 0)`` keeps both of its cases. An opaque predicate, not a
+    ``BooleanFunction``: sympy's logic simplification would read its argument as a truth-table
+    variable and drop it.
     """
 
     nargs = 1
@@ -145,17 +156,13 @@ class isfinite(sympy.logic.boolalg.BooleanFunction):
     @classmethod
     def eval(cls, arg):
         if arg.is_number:
-            value = arg.evalf()
-            finite = value.is_extended_real is True and value.is_finite is True
-            return sympy.true if finite else sympy.false
+            return sympy.true if _finite_number(arg) else sympy.false
         if _surely_finite(arg):
             return sympy.true
         return None
 
-    def _eval_simplify(self, **kwargs):
-        # BooleanFunction's own simplification treats the call as a truth-table variable and
-        # can drop it (isfinite(log(x)) became True).
-        return self.func(sympy.simplify(self.args[0], **kwargs))
+    def _numpycode(self, printer):
+        return f"isfinite({printer._print(self.args[0])})"
 
 
 #: NumPy versions of gradkit's sympy functions, for :meth:`Expression.evaluate`'s float64 path.
@@ -197,7 +204,9 @@ class Expression:
         Useful to check a formula against the function it came from. Returns NumPy float64 arrays
         in the output structure. Boolean arguments are substituted as true and false. Where the
         formula has no finite real value (``log(0)``, ``1/0``, ``sqrt(-1)``) the result is what
-        NumPy's float64 arithmetic gives there, ``-inf``, ``inf`` or ``nan``, as in JAX.
+        NumPy's float64 arithmetic gives there, ``-inf``, ``inf`` or ``nan``, as in JAX; a part
+        that sympy already folded to complex infinity while tracing (``x/(x - x)``) has no sign
+        left and gives ``nan``.
         """
         leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(args)]
         values = [value for leaf in leaves for value in leaf]
@@ -229,8 +238,9 @@ class Expression:
             # No finite real value: sympy's zoo, nan or a complex number. Float64 arithmetic
             # tells -inf from inf and nan, as JAX does.
             numeric = sympy.lambdify(symbols, element, modules=[_NUMPY_FUNCTIONS, "numpy"])
+            arguments = (v if isinstance(v, np.bool_) else np.float64(v) for v in values)
             with np.errstate(all="ignore"):
-                return float(numeric(*(np.float64(v) for v in values)))
+                return float(numeric(*arguments))
 
         def leaf(value: Any) -> np.ndarray:
             if isinstance(value, sympy.NDimArray):
@@ -319,10 +329,16 @@ def _number(value: Any, dtype: np.dtype) -> sympy.Basic:
     # A fraction with a small denominator that rounds to this constant in its own dtype
     # (0.5, 1/3, 0.1) is what the author wrote; anything else keeps its shortest decimal.
     # The smallest denominator wins: in a coarse dtype several fractions round to the constant
-    # (bfloat16's 0.3 is also 28/93), and the author wrote the simplest.
-    for denominator in range(2, _MAX_DENOMINATOR + 1):
+    # (bfloat16's 0.3 is also 28/93), and the author wrote the simplest. Fractions with
+    # denominators up to d lie at least 1/d**2 apart, so only those with 1/d**2 above the
+    # constant's spacing can be told apart by it (bfloat16's 1.23 is not 27/22); a numerator
+    # over 1000 is a decimal that happens to be one (float32 12345.678 is not 382716/31).
+    _, exponent = math.frexp(as_float)
+    spacing = float(jax.numpy.finfo(dtype).eps) * 2.0 ** (exponent - 1)
+    largest = min(_MAX_DENOMINATOR, int(1 / math.sqrt(spacing)))
+    for denominator in range(2, largest + 1):
         numerator = round(as_float * denominator)
-        if dtype.type(numerator / denominator) == typed:
+        if abs(numerator) <= _MAX_NUMERATOR and dtype.type(numerator / denominator) == typed:
             return sympy.Rational(numerator, denominator)
     significant = len(digits.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
     return sympy.Float(digits, max(significant, stored))
@@ -539,6 +555,9 @@ _BINARY: dict[str, Callable[[sympy.Basic, sympy.Basic], sympy.Basic]] = {
     "xor": lambda a, b: sympy.Xor(_as_bool(a), _as_bool(b)),
 }
 
+#: Rules that read their operands as booleans: for integers these primitives are bitwise.
+_LOGICAL = ("and", "or", "xor", "not", "reduce_and", "reduce_or")
+
 _REDUCTIONS: dict[str, Callable[..., sympy.Basic]] = {
     "reduce_sum": sympy.Add,
     "reduce_prod": sympy.Mul,
@@ -705,9 +724,7 @@ class _Interpreter:
         name = eqn.primitive.name
         params = eqn.params
         out_avals = [v.aval for v in eqn.outvars]
-        if name in ("and", "or", "xor", "not", "reduce_and", "reduce_or") and (
-            out_avals[0].dtype != np.bool_
-        ):
+        if name in _LOGICAL and out_avals[0].dtype != np.bool_:
             raise UnsupportedPrimitiveError(
                 f"expression: bitwise {name!r} of {out_avals[0].dtype} integers{self.where(eqn)} "
                 "has no symbolic rule (logical and/or/xor/not of booleans have)"
@@ -930,8 +947,10 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.dtype == object
 
 
-#: Effects that only print or call back to the host: no part of the formula.
-_OUTPUT_ONLY = ("debug_print", "debug_callback")
+def _only_output(effects) -> bool:
+    """Whether ``effects`` only print or call back to the host (``jax.debug.print``, also
+    inside a ``jit`` or ``cond``): no part of the formula."""
+    return all(type(effect).__name__ in ("DebugEffect", "OrderedDebugEffect") for effect in effects)
 
 
 def _live_equations(jaxpr) -> list[Any]:
@@ -939,9 +958,7 @@ def _live_equations(jaxpr) -> list[Any]:
     needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
     live = []
     for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars) or (
-            eqn.effects and eqn.primitive.name not in _OUTPUT_ONLY
-        ):
+        if any(v in needed for v in eqn.outvars) or not _only_output(eqn.effects):
             live.append(eqn)
             needed.update(v for v in eqn.invars if not isinstance(v, Literal))
     live.reverse()

@@ -612,10 +612,11 @@ def expression(
     ``sigmoid(x)*(1 - sigmoid(x))``. With ``simplify=True`` polynomials are expanded
     (``4*x**3 + 3*x**2 + 2*x``); other formulas are written with the fewest operations among the
     traced form, the form with ``1/(1 + exp(-u))`` written ``sigmoid(u)``, and
-    ``sympy.simplify``'s, the last only for formulas of at most 200 operations in all
-    (``sympy.simplify`` takes seconds per element of a 3x3 layer's gradient, minutes for larger
-    ones). Constants are shown as fractions when a fraction with a denominator up to 100 rounds to
-    them (the smallest such denominator: ``x/2``, ``3*x/10``), otherwise with their shortest
+    ``sympy.simplify``'s, the last only for formulas of at most 200 operations in all outputs
+    together (``sympy.simplify`` takes about a second per element of a 2x2 tanh layer's
+    gradient, several for a 3x3 one). Constants are shown as the fraction with the smallest
+    denominator up to 100 that rounds to them (``x/2``, ``3*x/10``) when the constant's precision
+    tells such fractions apart and the numerator is at most 1000, otherwise with their shortest
     decimal.
 
     Supported: arithmetic, powers, exp/log/log1p/expm1, trigonometric and hyperbolic functions,
@@ -624,7 +625,8 @@ def expression(
     ``jit``/``custom_jvp``/``custom_vjp``/``cond`` (their bodies are read) and scans of at most
     64 steps (unrolled), ``jax.checkpoint``; ``stop_gradient`` is the identity and
     ``jax.debug.print`` is skipped. ``jnp.isfinite`` of a formula that is finite for all finite
-    real inputs is true; otherwise it stays ``isfinite(u)`` (``log(x)`` is infinite at 0). Integer
+    real inputs is true; otherwise it stays ``isfinite(u)`` (``log(x)`` is infinite at 0, and
+    ``exp(x)`` overflows). Integer
     bitwise operations have no rule. Arrays may have at most 1024 elements.
 
     Args:

@@ -2,8 +2,9 @@
 
 Finite differences are compared with autodiff by :func:`check_grads`; a wrong rule is traced to
 one equation and source line by :func:`locate_gradient_error`; gradient flow is summarised by
-:func:`gradient_stats` and :func:`diagnose`; :func:`find_nan_origin` names the first equation
-that produced a NaN or an Inf.
+:func:`gradient_stats` and :func:`diagnose`, and drawn by ``HealthReport.plot`` and
+:func:`plot_norm_history`; :func:`find_nan_origin` names the first equation that produced a NaN
+or an Inf.
 """
 
 from gradkit._check_command import gradcheck_target as gradcheck_target

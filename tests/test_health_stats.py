@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gradkit import _health
+from gradkit import _health, _health_plot
 from gradkit.diagnostics import (
     HISTOGRAM_EXPONENTS,
     HealthMonitorState,
@@ -414,8 +414,9 @@ def test_monitor_every_k_reports_the_update_actually_applied():
 def test_module_doctests_pass():
     import doctest
 
-    results = doctest.testmod(_health, optionflags=doctest.ELLIPSIS)
-    assert results.attempted > 0 and results.failed == 0
+    for module in (_health, _health_plot):
+        results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert results.attempted > 0 and results.failed == 0, module.__name__
 
 
 def _layered(seed, layers=6):

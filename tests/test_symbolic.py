@@ -403,6 +403,34 @@ def test_isfinite_of_a_formula_that_can_be_infinite_is_kept():
     # of its maximum), so the formula stays readable.
     assert str(expression(jax.nn.logsumexp, jnp.ones(2))) == "log(exp(a[0]) + exp(a[1]))"
     assert str(expression(lambda x: jnp.where(jnp.isfinite(x * x + 1), x, 0.0), 1.0)) == "x"
+    assert str(expression(lambda x: jnp.where(jnp.isfinite(x + jnp.pi), x, 0.0), 1.0)) == "x"
+    # exp overflows in floating point: its guard is kept.
+    guarded = expression(lambda x: jnp.where(jnp.isfinite(jnp.exp(x)), jnp.exp(x), 0.0), 1.0)
+    assert "isfinite(exp(x))" in str(guarded)
+
+
+def test_isfinite_inside_a_logical_condition_is_kept():
+    # sympy's logic simplification would read log(x) as a truth-table variable and drop the test.
+    def f(x):
+        return jnp.where(jnp.isfinite(jnp.log(x)) & (x > 1), x, 0.0)
+
+    formula = expression(f, 1.0)
+    assert "isfinite(log(x))" in str(formula)
+    for x in (0.0, 0.5, 2.0):
+        assert formula.evaluate(x) == f(x)
+
+
+def test_evaluate_falls_back_to_float64_through_isfinite_and_booleans():
+    # At x = 0 sympy has no real value (zoo); NumPy's float64 arithmetic gives JAX's answer,
+    # also through an isfinite() condition and a boolean argument.
+    def f(x):
+        return jnp.where(jnp.isfinite(jnp.log(x)), jnp.log(x), 0.0) + 1 / x
+
+    assert expression(f, 1.0).evaluate(0.0) == np.inf
+    np.testing.assert_allclose(expression(f, 1.0).evaluate(2.0), np.log(2.0) + 0.5)
+    chosen = expression(lambda x, b: jnp.where(b, jnp.log(x), 0.0), 1.0, True)
+    assert chosen.evaluate(0.0, True) == -np.inf
+    assert chosen.evaluate(0.0, False) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -431,6 +459,23 @@ def test_bfloat16_constants_are_the_simplest_fraction_that_rounds_to_them(consta
     assert str(expression(lambda x: constant * x, 1.0)) == shown
 
 
+@pytest.mark.parametrize(
+    ("constant", "dtype", "shown"),
+    [
+        (1.23, jnp.bfloat16, "1.23*x"),
+        (12345.678, jnp.float32, "12345.678*x"),
+        (-0.75, None, "-3*x/4"),
+    ],
+)
+def test_decimals_that_only_happen_to_round_to_a_fraction_stay_decimals(constant, dtype, shown):
+    # bfloat16's 1.23 is also 27/22, float32's 12345.678 also 382716/31: the constant's spacing
+    # is too coarse to tell those fractions from their neighbours.
+    if dtype is None:
+        assert str(expression(lambda x: constant * x, 1.0)) == shown
+    else:
+        assert str(expression(lambda x: dtype(constant) * x, dtype(1.0))) == shown
+
+
 def test_repeated_names_are_refused():
     with pytest.raises(ValueError, match="'a' given twice"):
         expression(lambda x, y: x - y, 1.0, 2.0, names=["a", "a"])
@@ -442,16 +487,38 @@ def test_debug_prints_are_not_part_of_the_formula():
         return 2 * x
 
     assert str(expression(f, 1.0)) == "2*x"
+    # Also inside a jit, whose call then has the print's effect and no output used.
+    printed = jax.jit(f)
+    assert str(expression(lambda x: printed(x) + 1, 1.0)) == "2*x + 1"
+
+    def prints_in_a_loop(x):
+        def body(carry, step):
+            jax.debug.print("{}", step)
+            return carry, None
+
+        jax.lax.scan(body, x, jnp.arange(100.0))  # too long to unroll: must not be read
+        return 3 * x
+
+    assert str(expression(prints_in_a_loop, 1.0)) == "3*x"
 
 
-def test_large_formulas_skip_sympy_simplify():
+def test_large_formulas_skip_sympy_simplify(monkeypatch):
     # A 4x4 tanh layer's gradient took minutes in sympy.simplify; above the operation budget the
     # formula keeps its traced (or sigmoid) form and is still correct.
     def loss(W, x):
         return jnp.sum(jnp.tanh(W @ x) ** 2)
 
     W, x = np.linspace(-1, 1, 16).reshape(4, 4), np.linspace(0.5, -0.5, 4)
+    real_simplify = sympy.simplify
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real_simplify(*args, **kwargs)
+
+    monkeypatch.setattr(sympy, "simplify", counted)
     formula = expression(jax.grad(loss), jnp.ones((4, 4)), jnp.ones(4))
+    assert calls == []
     size = sum(sympy.count_ops(e) for e in sympy.flatten(formula.sympy.tolist()))
     assert size > _symbolic.SIMPLIFY_MAX_OPS
     with enable_x64():
@@ -463,3 +530,4 @@ def test_large_formulas_skip_sympy_simplify():
         "2*(1 - tanh(x))*tanh(x)**2 + 2*(1 - tanh(x))*tanh(x)"
     )
     assert str(expression(small, 1.0)) == "2*tanh(x)/cosh(x)**2"
+    assert len(calls) == 1
