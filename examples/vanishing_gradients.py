@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         if tensorboardX is not None:
             writer = tensorboardX.SummaryWriter(str(out / "tensorboard" / slug))
+            # On the host once: indexing device arrays dispatches an operation per entry.
+            host_stats, host_losses = jax.device_get((stats, losses))
             for i, step in enumerate(range(0, STEPS, MONITOR_EVERY)):
-                log_health(writer, jax.tree_util.tree_map(lambda a, i=i: a[i], stats), step)
-                chunk_loss = float(jnp.mean(losses[step : step + MONITOR_EVERY]))
+                log_health(writer, jax.tree_util.tree_map(lambda a, i=i: a[i], host_stats), step)
+                chunk_loss = float(np.mean(host_losses[step : step + MONITOR_EVERY]))
                 writer.add_scalar("train/loss", chunk_loss, step)
             writer.close()
 

@@ -477,18 +477,19 @@ class _EquationChecker:
         )
         hs = fd.steps(fd.base_step(dtype))
         center = [np.asarray(o, np.float64) for o in center_out]
+        # Host arithmetic (NumPy) around the equation: in JAX every operation would compile
+        # once per shape, and each equation brings new shapes.
+        host = [np.asarray(x) for x in xs]
         plus, minus = [], []
         for h in hs:
-            plus.append(g(*[x + (h * t).astype(x.dtype) for x, t in zip(xs, ts, strict=True)]))
-            minus.append(g(*[x - (h * t).astype(x.dtype) for x, t in zip(xs, ts, strict=True)]))
+            plus.append(g(*[x + (h * t).astype(x.dtype) for x, t in zip(host, ts, strict=True)]))
+            minus.append(g(*[x - (h * t).astype(x.dtype) for x, t in zip(host, ts, strict=True)]))
         eps = fd.machine_epsilon(dtype)
         out = []
         for k, c in enumerate(center):
             p = np.stack([np.asarray(e[k], np.float64) for e in plus])
             m = np.stack([np.asarray(e[k], np.float64) for e in minus])
-            der = fd.derivative_from_evaluations(
-                jnp.asarray(c), jnp.asarray(p), jnp.asarray(m), jnp.asarray(hs), eps
-            )
+            der = fd.derivative_from_evaluations(c, p, m, hs, eps)
             out.append(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), der))
         return out
 
