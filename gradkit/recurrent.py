@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from jax.typing import ArrayLike
 
 from gradkit._recurrent_window import WindowSpec, gradkit_window_truncation
@@ -198,9 +199,12 @@ def _as_truncation(truncate: Any) -> Truncation:
         return truncate
     if isinstance(truncate, (int, np.integer)) and not isinstance(truncate, bool):
         return Chunked(truncate)
+    hint = ""
+    if isinstance(truncate, str):
+        hint = ' (RNN\'s truncate_mode takes the strings "chunked" and "window")'
     raise TypeError(
         "truncate must be None, an int k (meaning Chunked(k)), or one of Full(), Chunked(k), "
-        f"Window(k), TheanoTail(k); got {truncate!r}"
+        f"Window(k), TheanoTail(k); got {truncate!r}{hint}"
     )
 
 
@@ -551,8 +555,9 @@ def scan(
     n_steps = _time_length(xs, length)
     remat = _resolve_remat(remat, n_steps)
     unroll = _check_unroll(unroll)
-    if not isinstance(reverse, bool):
+    if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"scan: reverse must be a bool; got {reverse!r}")
+    reverse = bool(reverse)
     init = _promote_weak_init(step, jax.tree.map(jnp.asarray, init), xs)
     body = _checked(step, init)
     if mask is not None:
@@ -611,10 +616,35 @@ def _theano_tail_scan(body, init, xs, mode: TheanoTail, remat, reverse, unroll, 
     return carry, ys
 
 
+def _hoist_closure(fun: Callable, *example_args) -> tuple[Callable, list]:
+    """Like ``jax.closure_convert``, but hoists every traced value ``fun`` closes over.
+
+    ``jax.closure_convert`` hoists only the values that may carry a tangent. Another tracer
+    (an integer label of the example under ``jax.vmap``, say) would stay inside the converted
+    function, which Window's custom VJP takes as a static argument, and escape its
+    transformation (UnexpectedTracerError under ``grad(vmap(...))``). Here every tracer becomes
+    an argument; integer ones get no cotangent. Concrete values stay closed over.
+    """
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*example_args)
+    out_tree = jax.tree.structure(out_shape)
+    traced = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+    fixed = [c for c, t in zip(closed.consts, traced, strict=True) if not t]
+    n_args = len(example_args)
+
+    def converted(*args_and_consts):
+        args, hoisted = args_and_consts[:n_args], iter(args_and_consts[n_args:])
+        kept = iter(fixed)
+        consts = [next(hoisted) if t else next(kept) for t in traced]
+        out = jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, [c for c, t in zip(closed.consts, traced, strict=True) if t]
+
+
 def _window_scan(body, init, xs, mode: Window, remat, reverse, unroll, n_steps):
     if reverse:
         xs = jax.tree.map(lambda a: jnp.flip(a, 0), xs)
-    converted, consts = jax.closure_convert(body, init, _first_step_input(xs))
+    converted, consts = _hoist_closure(body, init, _first_step_input(xs))
     chunk = remat if isinstance(remat, int) else 1
     spec = WindowSpec(step=converted, k=mode.k, chunk=chunk, unroll=unroll, length=n_steps)
     try:
@@ -920,6 +950,8 @@ class RNN:
     Raises:
       ValueError: for an invalid ``gradient_steps``, ``truncate_mode``, or both
         ``gradient_steps`` and ``truncate``.
+      TypeError: if ``truncate`` is not a truncation (a string such as ``"window"`` belongs in
+        ``truncate_mode``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1005,7 +1037,8 @@ class RNN:
           ``(batch, time, out)`` outputs, or ``(batch, out)`` with ``only_return_final``.
 
         Raises:
-          ValueError: if ``xs`` is not 3-D, ``mask`` is not ``(batch, time)`` or a leaf of
+          ValueError: if ``xs`` is not 3-D, has another number of features than the
+            parameters of a gradkit cell take, ``mask`` is not ``(batch, time)`` or a leaf of
             ``initial_carry`` has no leading axis of the batch size.
         """
         xs = jnp.asarray(xs)
@@ -1014,6 +1047,18 @@ class RNN:
                 f"RNN.apply: xs must be (batch, time, features); got shape {tuple(xs.shape)}"
             )
         batch = xs.shape[0]
+        if isinstance(self.cell, (SimpleRNN, GRU, LSTM)):
+            # Said here, in the layer's terms: the cell's own check would ask for one example.
+            kernel = (
+                params["kernel"] if isinstance(params, Mapping) and "kernel" in params else None
+            )
+            if kernel is not None and jnp.ndim(kernel) == 2 and jnp.shape(kernel)[0] != xs.shape[2]:
+                raise ValueError(
+                    f"RNN.apply: xs has {xs.shape[2]} features per step (shape "
+                    f"{tuple(xs.shape)}), but the {type(self.cell).__name__} parameters take "
+                    f"{jnp.shape(kernel)[0]} (kernel {tuple(jnp.shape(kernel))}); initialise "
+                    f"the layer with input_features={xs.shape[2]}"
+                )
         if initial_carry is None:
             one = self.cell.initial_carry(dtype=xs.dtype)
             # Zeros in the dtype the cell computes in (float64 parameters, float32 input: float64).
@@ -1126,7 +1171,8 @@ def tbptt_value_and_grad(
 
     Raises:
       ValueError: if ``k1 < 1`` or ``k2 < k1``, or the leaves of ``xs`` disagree on length.
-      TypeError: if ``loss_step`` returns a carry unlike ``init`` or a non-scalar loss.
+      TypeError: if a leaf of ``params`` is not floating point, or ``loss_step`` returns a
+        carry unlike ``init`` or a non-scalar loss.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1146,6 +1192,16 @@ def tbptt_value_and_grad(
     if k2 < k1:
         raise ValueError(f"tbptt_value_and_grad: k2 must be >= k1; got k1={k1}, k2={k2}")
     unroll = _check_unroll(unroll)
+    not_float = [
+        f"params{jax.tree_util.keystr(path)} is {jnp.result_type(leaf)}"
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if not_float:
+        raise TypeError(
+            "tbptt_value_and_grad differentiates every leaf of params, so they must be floating "
+            f"point; {', '.join(not_float)}. Close over integer settings in loss_step instead"
+        )
     n_steps = _time_length(xs, None, "tbptt_value_and_grad")
     init = _promote_weak_init(
         lambda carry, x: loss_step(params, carry, x), jax.tree.map(jnp.asarray, init), xs

@@ -445,6 +445,52 @@ def test_vmap_over_batch_gives_per_example_gradients(mode):
             _assert_trees_close(per_example[1][b], want[2])
 
 
+@pytest.mark.parametrize("mode", [Chunked(3), Window(3), TheanoTail(3)], ids=repr)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_grad_of_vmap_with_per_example_values_in_the_closure(mode, jit):
+    # The usual batch loss: vmap over examples, then grad. The step closes over a per-example
+    # integer label (an embedding row) and a per-example float offset: batched tracers, the
+    # label one that carries no tangent. The gradient is the sum of the examples' gradients,
+    # each the pair rule's (the label's row moves the bias, so it is written into b).
+    with jax.enable_x64():
+        theta, h0, _, weights, final_weights = _problem(16)
+        rng = np.random.default_rng(16)
+        batch_xs = jnp.asarray(rng.normal(size=(3, T, I)))
+        offsets = jnp.asarray(rng.normal(size=(3, H)))
+        table = jnp.asarray(rng.normal(size=(4, H)))
+        labels = jnp.asarray([2, 0, 3])
+
+        def example_loss(theta, label, offset, xs):
+            def step(h, x):  # reads the label and the offset inside the step
+                w, u, b = theta
+                h = _cell((w, u, b + table[label] + offset), h, x)
+                return h, h
+
+            h_final, hs = scan(step, h0, xs, truncate=mode)
+            return jnp.sum(jnp.sin(hs) * weights) + h_final @ final_weights
+
+        def batch_loss(theta):
+            losses = jax.vmap(example_loss, in_axes=(None, 0, 0, 0))(
+                theta, labels, offsets, batch_xs
+            )
+            return jnp.sum(losses)
+
+        grad = jax.jit(jax.grad(batch_loss)) if jit else jax.grad(batch_loss)
+        got = grad(theta)
+        want = [
+            _pair_reference(
+                RULES[mode],
+                (theta[0], theta[1], theta[2] + table[labels[e]] + offsets[e]),
+                h0,
+                batch_xs[e],
+                weights,
+                final_weights,
+            )[0]
+            for e in range(3)
+        ]
+        _assert_trees_close(got, jax.tree.map(lambda *g: sum(g), *want))
+
+
 def test_window_under_forward_mode_raises_clear_error():
     theta, h0, xs, weights, final_weights = _problem(15)
 
@@ -652,6 +698,16 @@ def test_bad_unroll_and_length_rejected():
         scan(_tanh_step, 0.0, jnp.ones(3), length=4)
     with pytest.raises(ValueError, match="pass length="):
         scan(lambda h, x: (h, h), 0.0, None)
+
+
+def test_reverse_takes_numpy_booleans_and_truncate_names_the_strings_rnn_takes():
+    xs = jnp.arange(1.0, 4.0)
+    _, ys = scan(lambda h, x: (h + x, h + x), 0.0, xs, reverse=np.bool_(True))
+    np.testing.assert_array_equal(ys, [6.0, 5.0, 3.0])
+    with pytest.raises(TypeError, match="reverse must be a bool; got 1"):
+        scan(_tanh_step, 0.0, xs, reverse=1)
+    with pytest.raises(TypeError, match="got 'window' \\(RNN's truncate_mode takes the strings"):
+        scan(_tanh_step, 0.0, xs, truncate="window")
 
 
 def test_xs_none_with_length_runs():

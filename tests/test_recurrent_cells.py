@@ -329,6 +329,19 @@ def test_rnn_layer_errors():
             rf"\({carry.shape[0]},",
         ):
             layer.apply(params, jnp.ones((B, T, I)), initial_carry=carry)
+    # Inputs of another width than the parameters: said in the layer's terms, for every cell
+    # (the cell's own check, meant for one example, told the user to "use RNN").
+    for cell in (SimpleRNN(H), GRU(H), LSTM(H)):
+        layer = RNN(cell, gradient_steps=2)
+        params = layer.init(jax.random.key(0), I)
+        for carry in (None, jax.tree.map(lambda a: jnp.stack([a] * B), cell.initial_carry())):
+            with pytest.raises(
+                ValueError,
+                match=rf"RNN.apply: xs has {I + 1} features per step \(shape \({B}, {T}, "
+                rf"{I + 1}\)\), but the {type(cell).__name__} parameters take {I} .*"
+                rf"input_features={I + 1}",
+            ):
+                layer.apply(params, jnp.ones((B, T, I + 1)), initial_carry=carry)
 
 
 # -------------------------------------------------------------------------------------------
@@ -481,6 +494,8 @@ def test_tbptt_errors():
         tbptt_value_and_grad(_loss_step, params, init, xs, k1=0)
     with pytest.raises(TypeError, match=r"k2 must be an int >= 1; got 2\.0"):
         tbptt_value_and_grad(_loss_step, params, init, xs, k1=1, k2=2.0)
+    with pytest.raises(TypeError, match=r"floating point; params\['steps'\] is int32. Close over"):
+        tbptt_value_and_grad(_loss_step, {**params, "steps": jnp.int32(3)}, init, xs, k1=2)
     with pytest.raises(TypeError, match=r"must return a scalar loss; got shape \(4,\)"):
         tbptt_value_and_grad(lambda p, h, x: (h, h), params, init, xs, k1=2)
     with pytest.raises(
