@@ -67,7 +67,7 @@ def init_fixed(key: jax.Array, sizes: list[int]) -> dict:
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         params[f"dense_{i}"] = {
             "kernel": jax.random.uniform(k_w, (fan_in, fan_out), minval=-limit, maxval=limit),
-            "bias": jnp.full((fan_out,), 0.1),
+            "bias": jnp.full((fan_out,), 0.1, jnp.float32),
         }
     return params
 
