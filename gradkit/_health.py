@@ -541,14 +541,13 @@ def _packed_stats(
     )
     dtypes = tuple(np.dtype(_compute_dtype(g.dtype)) for g in grad_leaves)
     wide = functools.reduce(jnp.promote_types, dtypes)
-    rows, counts, histograms = [], [], []
-    for i, g in enumerate(grad_leaves):
-        stats, param_norm, update_norm = _leaf_stats(
-            g,
-            None if param_leaves is None else param_leaves[i],
-            None if update_leaves is None else update_leaves[i],
-            branch=branch,
-        )
+    n = len(grad_leaves)
+    param_leaves = [None] * n if param_leaves is None else [jnp.asarray(p) for p in param_leaves]
+    update_leaves = [None] * n if update_leaves is None else [jnp.asarray(u) for u in update_leaves]
+
+    def one_leaf(g, param, update, dtype):
+        """The packed row of float fields, the counts and the histogram of one leaf."""
+        stats, param_norm, update_norm = _leaf_stats(g, param, update, branch=branch)
         ratio = None
         if param_norm is not None and update_norm is not None:
             ratio = jnp.where(
@@ -557,19 +556,64 @@ def _packed_stats(
                 jnp.where(update_norm > 0, jnp.inf, 0.0),
             )
         stats = stats._replace(param_norm=param_norm, update_norm=update_norm, update_ratio=ratio)
-        rows.append(
-            jnp.stack(
-                [
-                    jnp.full((), jnp.nan, wide)
-                    if getattr(stats, field) is None
-                    else getattr(stats, field).astype(wide)
-                    for field in _FLOAT_FIELDS
-                ]
-            )
+        row = jnp.stack(
+            [
+                jnp.full((), jnp.nan, wide)
+                if getattr(stats, field) is None
+                else getattr(stats, field).astype(wide)
+                for field in _FLOAT_FIELDS
+            ]
         )
-        counts.append(jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS]))
-        if histogram:
-            histograms.append(_histogram(g.astype(dtypes[i])))
+        count = jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS])
+        return row, count, _histogram(g.astype(dtype)) if histogram else None
+
+    # Small leaves of one shape and dtype (the biases and norm scales of identical blocks) are
+    # stacked and computed by one vmapped program: the same statistics, with the operation
+    # count, and so the compile time, of one leaf per group instead of one per leaf (96 such
+    # leaves compiled in 10 s one by one). Large leaves stay separate: stacking them would copy
+    # them on every monitored step.
+    def group_key(i):
+        g = grad_leaves[i]
+        if not 0 < g.size <= FAST_PATH_MIN_SIZE:
+            return None
+        extra = [
+            (leaf.shape, leaf.dtype)
+            for leaf in (param_leaves[i], update_leaves[i])
+            if leaf is not None
+        ]
+        return (g.shape, g.dtype, *extra)
+
+    groups: dict[Any, list[int]] = {}
+    for i in range(n):
+        key = group_key(i)
+        groups.setdefault(("single", i) if key is None else key, []).append(i)
+    pieces, order = [], []  # per group: (rows, counts, histograms) with a leading leaf axis
+    for indices in groups.values():
+        if len(indices) == 1:
+            (i,) = indices
+            out = one_leaf(grad_leaves[i], param_leaves[i], update_leaves[i], dtypes[i])
+            out = jax.tree.map(lambda a: a[None], out)
+        else:
+
+            def stack(leaves, indices=indices):
+                if leaves[indices[0]] is None:
+                    return None
+                return jnp.stack([leaves[i] for i in indices])
+
+            out = jax.vmap(functools.partial(one_leaf, dtype=dtypes[indices[0]]))(
+                stack(grad_leaves), stack(param_leaves), stack(update_leaves)
+            )
+        pieces.append(out)
+        order.extend(indices)
+    # Back to leaf order: one static gather per array, not a slice per leaf.
+    in_order = order == sorted(order)
+    position = np.argsort(order)
+
+    def joined(k):
+        parts = [piece[k] for piece in pieces]
+        whole = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        return whole if in_order else whole[position]
+
     layout = _Layout(
         treedef=jax.tree_util.tree_structure(grads),
         dtypes=dtypes,
@@ -578,9 +622,7 @@ def _packed_stats(
         histogram=histogram,
     )
     packed = _Packed(
-        floats=jnp.stack(rows),
-        counts=jnp.stack(counts),
-        histograms=jnp.stack(histograms) if histogram else None,
+        floats=joined(0), counts=joined(1), histograms=joined(2) if histogram else None
     )
     return layout, packed
 

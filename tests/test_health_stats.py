@@ -553,6 +553,53 @@ def test_branch_statistics_match_gradient_stats_on_mixed_trees():
     )
 
 
+def _same_shape_tree(seed, count):
+    """``count`` small (6, 5) float32 leaves interleaved with other shapes and dtypes, some
+    entries non-finite, zero or tiny."""
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for i in range(count):
+        leaf = rng.normal(size=(6, 5)).astype(np.float32) * np.float32(10.0 ** -(3 * i))
+        if i in (1, 2, 4):
+            leaf[0, i] = {1: np.nan, 2: np.inf, 4: -np.inf}[i]
+        if i % 2 == 0:
+            leaf[2] = 0.0
+        tree[f"block{i}"] = {"scale": leaf, "other": rng.normal(size=(7,)).astype(np.float32)}
+    tree["half"] = jnp.asarray(rng.normal(size=(6, 5)), jnp.bfloat16)
+    return tree
+
+
+@pytest.mark.parametrize("branch", [True, False])
+def test_small_leaves_of_one_shape_share_a_program_and_keep_their_statistics(branch):
+    # Leaves of one small shape and dtype are stacked and computed by one vmapped program;
+    # each must get exactly the statistics it gets alone, in its own place in the tree.
+    grads, params, updates = (_same_shape_tree(seed, 5) for seed in (60, 61, 62))
+
+    def packed(grads, params, updates):
+        layout, result = _health._packed_stats(grads, params, updates, branch=branch)
+        return _health._unpack(layout, result)
+
+    together = jax.jit(packed)(grads, params, updates)
+    flat = [jax.tree.leaves(t) for t in (grads, params, updates)]
+    for stats, g, p, u in zip(
+        jax.tree.leaves(together, is_leaf=_is_leaf_stats), *flat, strict=True
+    ):
+        alone = jax.jit(packed)({"leaf": g}, {"leaf": p}, {"leaf": u})["leaf"]
+        _assert_same_stats({"leaf": stats}, {"leaf": alone}, rtol=1e-6)
+    assert int(together["block1"]["scale"].nan_count) == 1
+    assert int(together["block2"]["scale"].posinf_count) == 1
+    assert int(together["block4"]["scale"].neginf_count) == 1
+    assert float(together["block2"]["scale"].zero_fraction) == pytest.approx(5 / 30)
+    assert float(together["block3"]["scale"].norm) > 0  # 1e-9 entries: no underflow
+
+    # The program does not grow with the number of such leaves (compile time grows with it).
+    def size(count):
+        tree = _same_shape_tree(0, count)
+        return len(jax.make_jaxpr(lambda t: _health._packed_stats(t, branch=branch)[1])(tree).eqns)
+
+    assert size(16) < 1.2 * size(4), (size(4), size(16))
+
+
 def test_branch_statistics_with_leaves_of_several_dtypes():
     # Leaves of several compute dtypes, and a float32 gradient of a float64 parameter.
     with jax.enable_x64(True):
