@@ -675,6 +675,12 @@ def gradient_stats(
     Returns:
       A pytree with the structure of ``grads`` whose leaves are :class:`LeafStats`.
 
+    Returned from a jitted function, every statistic of every leaf is an output buffer of its
+    own, and XLA compiles each (about 10 ms apiece on a CPU: 11 s for a model of 100 leaves).
+    To carry statistics out of a training step, use :func:`health_monitor` (or ``fit(...,
+    health_every=k)``), which keeps them packed in three arrays; its state's ``stats`` unpacks
+    them where they are read (outside the step: on the host, at no compile cost).
+
     Raises:
       ValueError: if ``grads`` has no leaves, or ``params``/``updates`` differ from it in
         structure or shape (the message names the path).
