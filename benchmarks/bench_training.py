@@ -37,8 +37,14 @@ best being the one least disturbed by other work on the machine. The compile cou
 of XLA compilations of the step function seen (via ``jax.log_compiles``) during one run: exactly
 one per run for a fixed batch shape.
 
+Compile time (``--compile-only`` runs just this): seconds to lower and compile one training
+step (``jax.jit(step).lower(...).compile()``, median of 3) with plain Adam and with Adam wrapped
+in ``health_monitor(every=1)`` and ``every=100``, on the ``--compile-sizes`` MLP (default 48
+hidden layers of 256: 98 parameter leaves, half of them small biases), as a ratio to plain Adam.
+
 Run:  python benchmarks/bench_training.py            (full: 500 steps, 5 repeats)
       python benchmarks/bench_training.py --quick    (smoke run, seconds)
+      python benchmarks/bench_training.py --compile-only   (compile time only, a minute)
       python benchmarks/bench_training.py --sizes 256,...  (other layer sizes: the README uses
                                                       thirteen 256s then 10, a deep MLP)
 """
@@ -93,6 +99,50 @@ def count_step_compiles(run, names: tuple[str, ...]) -> int:
     return counter.count
 
 
+def compile_times(sizes: list[int], repeats: int = 3) -> dict[str, float]:
+    """Median seconds to lower and compile one training step, per optimiser variant."""
+    model = MLP(sizes, "relu")
+    params = model.init(jax.random.key(0))
+    inputs = jnp.zeros((BATCH, sizes[0]), jnp.float32)
+    labels = jnp.zeros((BATCH,), jnp.int32)
+
+    def loss_fn(params):
+        logits = model.apply(params, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    variants = {
+        "plain Adam": optax.adam(1e-3),
+        "health_monitor(every=1)": health_monitor(every=1, inner=optax.adam(1e-3)),
+        "health_monitor(every=100)": health_monitor(every=100, inner=optax.adam(1e-3)),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, tx in variants.items():
+
+            def train_step(params, opt_state, tx=tx):
+                grads = jax.grad(loss_fn)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            opt_state = tx.init(params)
+            start = time.perf_counter()
+            jax.jit(train_step).lower(params, opt_state).compile()  # a fresh jit: no cache
+            seconds[name].append(time.perf_counter() - start)
+    leaves = jax.tree.leaves(params)
+    small = sum(leaf.size <= 4096 for leaf in leaves)
+    print(
+        f"\nCompile time of one training step: MLP with {len(sizes) - 2} hidden layers "
+        f"({sizes[0]} -> {sizes[1]} ... -> {sizes[-1]}), {len(leaves)} parameter leaves "
+        f"({small} of at most 4096 entries), median of {repeats}"
+    )
+    print("| variant | seconds | ratio to plain Adam |")
+    print("|---|---:|---:|")
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    for name, value in medians.items():
+        print(f"| {name} | {value:.2f} | {value / medians['plain Adam']:.2f} |")
+    return medians
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, 1 repeat")
@@ -125,8 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         default=SIZES,
         help="layer sizes of the MLP, comma-separated (default: %(default)s)",
     )
+    parser.add_argument(
+        "--compile-sizes",
+        type=lambda text: [int(size) for size in text.split(",")],
+        default=[784, *[256] * 48, 10],
+        help="layer sizes of the MLP of the compile-time section (default: 48 hidden layers "
+        "of 256)",
+    )
+    parser.add_argument(
+        "--compile-only", action="store_true", help="run only the compile-time section"
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes
+    if args.compile_only:
+        compile_times(args.compile_sizes)
+        return 0
     if args.quick:
         args.steps, args.warmup, args.repeats, args.rounds, args.fit_rounds = 30, 5, 1, 2, 2
 
@@ -431,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} "
             f"| {min(times) / plain.min() - 1:+.1%} |"
         )
+    compile_times(args.compile_sizes, repeats=1 if args.quick else 3)
     return 0 if all(count == 1 for count in compiles.values()) else 1
 
 
