@@ -1,6 +1,7 @@
 """Gradient checks that say where, gradient-flow health, and where a NaN came from.
 
-Finite differences are compared with autodiff by :func:`check_grads`; a wrong rule is traced to
+Finite differences are compared with autodiff by :func:`check_grads` (and computed element by
+element, with error bars, by :func:`finite_difference_grad`); a wrong rule is traced to
 one equation and source line by :func:`locate_gradient_error`; gradient flow is summarised by
 :func:`gradient_stats` and :func:`diagnose`, and drawn by ``HealthReport.plot`` and
 :func:`plot_norm_history`; :func:`find_nan_origin` names the first equation that produced a NaN
@@ -8,6 +9,7 @@ or an Inf.
 """
 
 from gradkit._check_command import gradcheck_target as gradcheck_target
+from gradkit._finite_differences import finite_difference_grad as finite_difference_grad
 from gradkit._gradcheck import GradCheckCost as GradCheckCost
 from gradkit._gradcheck import GradCheckReport as GradCheckReport
 from gradkit._gradcheck import GradCheckRow as GradCheckRow

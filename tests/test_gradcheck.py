@@ -409,6 +409,34 @@ def test_localisation_differences_an_equation_without_compiling_its_arithmetic()
     assert derivative.value.shape == (7, 3) and bool(derivative.finite.all())
 
 
+def test_finite_difference_grad_matches_the_exact_gradient_within_its_error_bars():
+    from gradkit.diagnostics import finite_difference_grad
+
+    rng = np.random.default_rng(3)
+    params = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.float32(0.7)}
+    x = rng.normal(size=(4, 3))
+
+    def loss(scale, params, x):
+        return scale * jnp.sum(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
+
+    value, error = finite_difference_grad(loss, 1.5, params, x, argnums=1)
+    with jax.enable_x64(True):
+        exact = jax.grad(loss, argnums=1)(1.5, jax.tree.map(np.float64, params), x)
+    for name in ("w", "b"):
+        assert value[name].dtype == np.float64 and np.shape(value[name]) == np.shape(params[name])
+        gap = np.abs(value[name] - np.asarray(exact[name]))
+        assert np.all(gap <= error[name] + 1e-13), name
+        assert np.all(error[name] < 1e-8), name
+    with pytest.raises(TypeError, match=r"args\[0\]\['n'\] is int32"):
+        finite_difference_grad(lambda p: p["x"] * p["n"], {"x": 1.0, "n": np.int32(2)})
+    with pytest.raises(TypeError, match=r"must return a scalar; got shape \(2,\)"):
+        finite_difference_grad(jnp.sin, np.ones(2))
+    with pytest.raises(ValueError, match="more than 10,000"):
+        finite_difference_grad(jnp.sum, np.ones(10_001))
+    with pytest.raises(ValueError, match="argnums must be the position"):
+        finite_difference_grad(jnp.sum, np.ones(2), argnums=1)
+
+
 def test_default_tolerances_follow_the_dtype():
     from gradkit._gradcheck import default_rtol
 
