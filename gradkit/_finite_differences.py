@@ -323,14 +323,15 @@ def finite_difference_grad(fun, *args, argnums: int = 0) -> tuple[PyTree, PyTree
             hs = steps(base_step(leaf.dtype)) * input_scale(leaf)
             value, error = np.zeros(leaf.shape), np.zeros(leaf.shape)
             for element in np.ndindex(leaf.shape):
-                plus, minus = [], []
-                for h, out in ((h, side) for h in hs for side in (plus, minus)):
+
+                def moved_by(h, element=element, index=index, leaf=leaf):
                     moved = leaf.copy()
-                    moved[element] += h if out is plus else -h
-                    out.append(float(evaluate([*leaves[:index], moved, *leaves[index + 1 :]])))
-                derivative = derivative_from_evaluations(
-                    center, np.asarray(plus), np.asarray(minus), hs, eps
-                )
+                    moved[element] += h
+                    return float(evaluate([*leaves[:index], moved, *leaves[index + 1 :]]))
+
+                plus = np.array([moved_by(h) for h in hs])
+                minus = np.array([moved_by(-h) for h in hs])
+                derivative = derivative_from_evaluations(center, plus, minus, hs, eps)
                 value[element], error[element] = derivative.value, derivative.error
             values.append(value.astype(leaf.dtype))
             errors.append(error.astype(leaf.dtype))
