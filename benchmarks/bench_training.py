@@ -42,7 +42,15 @@ step (``jax.jit(step).lower(...).compile()``, median of 3) with plain Adam and w
 in ``health_monitor(every=1)`` and ``every=100``, on the ``--compile-sizes`` MLP (default 48
 hidden layers of 256: 98 parameter leaves, half of them small biases), as a ratio to plain Adam.
 
+Page faults (in the paired monitor table, and alone with ``--monitor-only``): the process's
+minor page faults per step and the compiled step's temporary buffer. XLA:CPU allocates that
+buffer on every call; glibc serves allocations above its mmap threshold (at most 32 MiB) with
+fresh pages, which the step then faults in, so a step whose temporary buffer passes 32 MiB pays
+for its pages on every call.
+
 Run:  python benchmarks/bench_training.py            (full: 500 steps, 5 repeats)
+      python benchmarks/bench_training.py --monitor-only --sizes 784,256,...,10
+                                                     (the paired monitor rounds alone)
       python benchmarks/bench_training.py --quick    (smoke run, seconds)
       python benchmarks/bench_training.py --compile-only   (compile time only, a minute)
       python benchmarks/bench_training.py --sizes 256,...  (other layer sizes: the README uses
@@ -54,6 +62,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -185,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile-only", action="store_true", help="run only the compile-time section"
     )
+    parser.add_argument(
+        "--monitor-only",
+        action="store_true",
+        help="run only the paired health-monitor rounds (with page faults and temporary "
+        "memory per variant)",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes
     if args.compile_only:
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready((p, out))
         return time.perf_counter() - start, p, opt_state
 
-    def paired_monitor_rounds(rounds: int, block: int) -> dict[str, list[float]]:
+    def paired_monitor_rounds(rounds: int, block: int) -> dict[str, dict]:
         """Seconds per round of ``block`` steps for the plain loop and each monitor.
 
         Each variant's step is compiled once and keeps its state across rounds; within a round
@@ -304,11 +319,20 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_block(name: str) -> float:
             step, p, opt_state = runners[name]
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             elapsed, p, opt_state = timed_steps(step, p, opt_state, block)
+            faults[name].append(
+                (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / block
+            )
             runners[name] = (step, p, opt_state)
             return elapsed
 
         runners = {name: (make_step(tx), params, tx.init(params)) for name, tx in monitors.items()}
+        faults: dict[str, list[float]] = {name: [] for name in monitors}
+        temp_mib = {}
+        for name, (step, p, opt_state) in runners.items():
+            compiled = step.lower(p, opt_state, *device_batches[0]).compile()
+            temp_mib[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
         for name in monitors:  # compile, and start every monitor's count at the same step
             run_block(name)
         times: dict[str, list[float]] = {name: [] for name in monitors}
@@ -316,7 +340,40 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
                 times[name].append(run_block(name))
-        return times
+        for name in names:
+            del faults[name][0]  # the compiling block
+        return {"times": times, "faults": faults, "temp_mib": temp_mib}
+
+    def print_paired_monitors(paired: dict) -> None:
+        print(
+            f"\nThe monitors paired: {args.rounds} rounds of {args.block} steps per variant, "
+            "the variants interleaved (order reversed every other round); each round's time "
+            "relative to the plain loop's in that round. Page faults: minor page faults of the "
+            "process per step (median of rounds); temp: the compiled step's temporary buffer, "
+            "allocated on every call"
+        )
+        print(
+            "| variant | overhead per step, median of rounds | quartiles "
+            "| best round vs best round | page faults per step | temp MiB |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        times, faults, temp_mib = paired["times"], paired["faults"], paired["temp_mib"]
+        plain = np.asarray(times["plain Adam"])
+        for name, seconds in times.items():
+            if name == "plain Adam":
+                overhead = "(reference)", "", ""
+            else:
+                ratios = np.asarray(seconds) / plain - 1
+                low, mid, high = np.percentile(ratios, [25, 50, 75])
+                overhead = (
+                    f"{mid:+.1%}",
+                    f"{low:+.1%} to {high:+.1%}",
+                    f"{min(seconds) / plain.min() - 1:+.1%}",
+                )
+            print(
+                f"| {name} | {' | '.join(overhead)} "
+                f"| {statistics.median(faults[name]):,.0f} | {temp_mib[name]:.1f} |"
+            )
 
     def paired_fit_rounds(rounds: int, block: int) -> dict[str, list[float]]:
         """Seconds per round of ``block`` steps for the hand-written loop with the gradient
@@ -364,6 +421,21 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(runs[name](block))
         return times
 
+    header = f"gradkit training benchmark: MLP {sizes}, batch {BATCH}, float32, Adam" + (
+        ""
+        if args.monitor_only
+        else f", {args.steps} timed steps after {args.warmup}, {args.repeats} repeat(s)"
+    )
+    platform_line = (
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"python {platform.python_version()}, {platform.machine()}"
+    )
+    if args.monitor_only:
+        print(header)
+        print(platform_line)
+        print_paired_monitors(paired_monitor_rounds(args.rounds, args.block))
+        return 0
+
     variants = {
         "hand-written loop": (hand_written, ("train_step",)),
         "hand-written loop + grad norm": (hand_written_norm, ("train_step",)),
@@ -371,14 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         "fit (iterable)": (fit_iterable, ("_constrained_step",)),
     }
 
-    print(
-        f"gradkit training benchmark: MLP {sizes}, batch {BATCH}, float32, Adam, "
-        f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeat(s)"
-    )
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"python {platform.python_version()}, {platform.machine()}"
-    )
+    print(header)
+    print(platform_line)
     for run, _ in variants.values():  # warm up caches of the eager ops
         run(2)
 
@@ -475,25 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {statistics.median(ref) / statistics.median(rs) - 1:+.1%} "
             f"| {max(ref) / max(rs) - 1:+.1%} |"
         )
-    print(
-        f"\nThe same monitors, paired: {args.rounds} rounds of {args.block} steps per variant, "
-        "the variants interleaved (order reversed every other round); each round's time "
-        "relative to the plain loop's in that round"
-    )
-    print(
-        "| variant | overhead per step, median of rounds | quartiles | best round vs best round |"
-    )
-    print("|---|---:|---:|---:|")
-    plain = np.asarray(paired["plain Adam"])
-    for name, times in paired.items():
-        if name == "plain Adam":
-            continue
-        ratios = np.asarray(times) / plain - 1
-        low, mid, high = np.percentile(ratios, [25, 50, 75])
-        print(
-            f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} "
-            f"| {min(times) / plain.min() - 1:+.1%} |"
-        )
+    print_paired_monitors(paired)
     compile_times(args.compile_sizes, repeats=1 if args.quick else 3)
     return 0 if all(count == 1 for count in compiles.values()) else 1
 
