@@ -446,7 +446,9 @@ def _gated_health(due: jax.Array, grads: PyTree, params: PyTree, updates: PyTree
     otherwise; the choice is made on the device (``lax.cond``), so skipped steps cost nothing."""
 
     def compute() -> PyTree:
-        return _health.gradient_stats(grads, params, updates)
+        # The exact, cond-free statistics, leaf after leaf (``branch=False``): what a rarely
+        # taken branch should hold (see gradkit.diagnostics.health_monitor).
+        return _health._unpack(*_health._packed_stats(grads, params, updates, branch=False))
 
     def skip() -> PyTree:
         shapes = jax.eval_shape(compute)

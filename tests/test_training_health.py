@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from gradkit import _tensorboard
+from gradkit.diagnostics import gradient_stats
 from gradkit.layers import MLP
 from gradkit.training import TrainState, fit, make_train_step
 
@@ -49,6 +50,54 @@ def test_step_reports_health_on_every_kth_step_only():
             assert float(kernel.norm) == 0.0
             assert int(np.sum(kernel.log2_histogram)) == 0
     assert step._cache_size() == 1  # the gate is evaluated on the device: no retrace
+
+
+def test_gated_health_keeps_gradients_and_updates_only_in_temporary_memory():
+    # With health_every=k the statistics sit in a lax.cond whose temporaries share the step's
+    # temporary buffer, which XLA:CPU allocates on every call (and, past glibc's mmap
+    # threshold, page-faults in afresh). Computed leaf after leaf they add nothing per leaf
+    # beyond the gradients and updates the cond holds: 8 bytes per parameter in float32 (16
+    # when every leaf's statistics were computed at once). The statistics stay exact.
+    def chain(count):
+        keys = jax.random.split(jax.random.key(0), count)
+        params = {f"w{i}": 0.1 * jax.random.normal(keys[i], (128, 128)) for i in range(count)}
+
+        def loss(params, x):
+            for i in range(count):
+                x = jnp.tanh(x @ params[f"w{i}"])
+            return jnp.sum(x)
+
+        optimizer = optax.adam(1e-3)
+        return loss, params, optimizer, make_train_step(loss, optimizer, health_every=2)
+
+    x = jnp.linspace(-1.0, 1.0, 8 * 128).reshape(8, 128)
+
+    def temp_bytes(count):
+        _, params, optimizer, step = chain(count)
+        compiled = step.lower(TrainState.create(params, optimizer), x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    per_parameter = (temp_bytes(12) - temp_bytes(4)) / (8 * 128 * 128)
+    assert per_parameter <= 8.5, per_parameter
+
+    # A loss whose gradient is exactly the batch: the statistics of the step's gradient can be
+    # compared bit for bit (histograms) with those of a known array.
+    _, params, optimizer, _ = chain(3)
+    batch = jax.random.normal(jax.random.key(1), (128, 128)) * jnp.logspace(-8, 2, 128)
+
+    def linear(params, batch):
+        return sum(jnp.vdot(w, batch) for w in params.values())
+
+    step = make_train_step(linear, optimizer, health_every=2)
+    _, metrics = step(TrainState.create(params, optimizer), batch)
+    expected = gradient_stats({name: batch for name in params})
+    for name in params:
+        got, want = metrics["health"][name], expected[name]
+        np.testing.assert_array_equal(got.log2_histogram, want.log2_histogram)
+        for field in ("norm", "max_abs", "std", "zero_fraction"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5)
+        # The mean may be near 0: both sums round, in different orders.
+        np.testing.assert_allclose(got.mean, want.mean, atol=1e-6 * float(want.max_abs))
 
 
 def test_health_update_ratio_is_the_applied_update_over_the_params():
