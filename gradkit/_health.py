@@ -229,6 +229,12 @@ def _histogram(x: jax.Array) -> jax.Array:
     return counts.at[index.ravel()].add(counted.ravel().astype(jnp.int32))
 
 
+#: Inside a rarely taken branch, the statistics of about this many gradient entries at a time
+#: (see :func:`_packed_stats`): their temporaries, about 8 bytes per entry, are what the branch
+#: adds to the step's temporary memory.
+SEQUENCE_ELEMENTS = 2**18
+
+
 #: Leaves with at most this many entries always take the exact path of :func:`gradient_stats`
 #: (its cost is negligible at that size); larger ones first try the one-pass sums.
 FAST_PATH_MIN_SIZE = 4096
@@ -525,13 +531,12 @@ def _packed_stats(
     leaves by one-pass sums unless a cond finds them inaccurate. ``branch=False`` is for code
     inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``,
     ``make_train_step(health_every=k)``): the exact path without per-leaf conds, since every
-    operation in a branch costs time on the steps that skip it, and the groups of leaves one
-    after another, each in a cond of its own whose predicate reads the previous group's counts
-    (never negative, which XLA cannot know). Otherwise XLA schedules every leaf's temporaries
-    (histogram indices, scaled copies) at once: 8 bytes per parameter of the step's temporary
-    buffer, which XLA:CPU allocates on every call, taken or not, and which past glibc's mmap
-    threshold is page-faulted in afresh (+17.5% per step for every=100 on a 3.4M-parameter
-    MLP; the buffer went from 49.9 to 26.1 MiB).
+    operation in a branch costs time on the steps that skip it, and the leaves in runs of about
+    :data:`SEQUENCE_ELEMENTS` entries, one run after another. Otherwise XLA schedules every
+    leaf's temporaries (histogram indices, scaled copies) at once: 8 bytes per parameter of
+    the step's temporary buffer, which XLA:CPU allocates on every call, taken or not, and which
+    past glibc's mmap threshold is page-faulted in afresh (+17.5% per step for every=100 on a
+    3.4M-parameter MLP, whose buffer the runs take from 49.9 to 27.5 MiB).
     """
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
@@ -607,28 +612,50 @@ def _packed_stats(
             stack(g), stack(p), stack(u)
         )
 
-    previous = None
+    # Outside a branch every group is computed where it stands. Inside one (branch=False) the
+    # groups go in runs of about SEQUENCE_ELEMENTS entries, run after run: each run in a cond
+    # of its own whose predicate reads the previous run's counts (never negative, which XLA
+    # cannot know), so that only one run's temporaries are live at a time. A cond per run
+    # rather than per leaf: each cond is compiled as a program of its own.
+    runs: list[list[list[int]]] = [[]]
+    size = 0
     for indices in groups.values():
-        inputs = tuple(
-            [leaves[i] for i in indices] for leaves in (grad_leaves, param_leaves, update_leaves)
-        )
-        compute = functools.partial(group_stats, indices)
-        if branch or previous is None:
-            out = compute(*inputs)
+        if runs[-1] and (branch or size >= SEQUENCE_ELEMENTS):
+            runs.append([])
+            size = 0
+        runs[-1].append(indices)
+        size += sum(grad_leaves[i].size for i in indices)
+
+    def run_stats(run, inputs):
+        return [group_stats(indices, *args) for indices, args in zip(run, inputs, strict=True)]
+
+    previous = None
+    for run in runs:
+        inputs = [
+            tuple(
+                [leaves[i] for i in indices]
+                for leaves in (grad_leaves, param_leaves, update_leaves)
+            )
+            for indices in run
+        ]
+        compute = functools.partial(run_stats, run)
+        if previous is None:
+            outs = compute(inputs)
         else:
-            shapes = jax.eval_shape(compute, *inputs)
-            out = lax.cond(
+            shapes = jax.eval_shape(compute, inputs)
+            outs = lax.cond(
                 previous,
                 compute,
-                lambda *_, shapes=shapes: jax.tree.map(
+                lambda _, shapes=shapes: jax.tree.map(
                     lambda s: jnp.zeros(s.shape, s.dtype), shapes
                 ),
-                *inputs,
+                inputs,
             )
         if not branch:
-            previous = jnp.all(out[1] >= 0)  # always true: only orders the next group
-        pieces.append(out)
-        order.extend(indices)
+            previous = jnp.all(jnp.concatenate([out[1].ravel() for out in outs]) >= 0)
+        for indices, out in zip(run, outs, strict=True):
+            pieces.append(out)
+            order.extend(indices)
     # Back to leaf order: one static gather per array, not a slice per leaf.
     in_order = order == sorted(order)
     position = np.argsort(order)
