@@ -230,9 +230,13 @@ def _histogram(x: jax.Array) -> jax.Array:
 
 
 #: Inside a rarely taken branch, the statistics of about this many gradient entries at a time
-#: (see :func:`_packed_stats`): their temporaries, about 8 bytes per entry, are what the branch
-#: adds to the step's temporary memory.
-SEQUENCE_ELEMENTS = 2**18
+#: (see :func:`_packed_stats`): their temporaries, about 12 bytes per entry with the updates,
+#: are what the branch adds to the step's temporary memory.
+SEQUENCE_ELEMENTS = 2**19
+
+#: At most this many such runs: each compiles the inner optimiser's update afresh (XLA then
+#: drops the other leaves'), so compile time grows with their number.
+MAX_SEQUENCE_RUNS = 8
 
 
 #: Leaves with at most this many entries always take the exact path of :func:`gradient_stats`
@@ -532,12 +536,20 @@ def _packed_stats(
     inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``,
     ``make_train_step(health_every=k)``): the exact path without per-leaf conds, since every
     operation in a branch costs time on the steps that skip it, and the leaves in runs of about
-    :data:`SEQUENCE_ELEMENTS` entries, one run after another. Otherwise XLA schedules every
-    leaf's temporaries (histogram indices, scaled copies) at once: 8 bytes per parameter of
-    the step's temporary buffer, which XLA:CPU allocates on every call, taken or not, and which
-    past glibc's mmap threshold is page-faulted in afresh (+17.5% per step for every=100 on a
-    3.4M-parameter MLP, whose buffer the runs take from 49.9 to 27.5 MiB).
+    :data:`SEQUENCE_ELEMENTS` entries, one run after another. ``updates`` may then be a
+    function returning them, which each run calls for its own leaves. Otherwise XLA schedules
+    every leaf's temporaries (histogram indices, scaled copies, the recomputed updates) at
+    once: 12 bytes per parameter of the step's temporary buffer, which XLA:CPU allocates on
+    every call, taken or not, and which past glibc's mmap threshold is page-faulted in afresh
+    (+17.5% per step for ``health_monitor(every=100)`` on a 3.4M-parameter MLP, whose buffer
+    the runs take from 49.9 to 22.1 MiB).
     """
+    updates_fn = None
+    if callable(updates):
+        # Inside a branch the updates may come as a function that computes them: each run
+        # then computes its own leaves' updates (XLA drops the rest), so they are not all
+        # alive at once.
+        updates_fn, updates = updates, jax.eval_shape(updates)
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
     param_leaves = (
@@ -554,7 +566,10 @@ def _packed_stats(
     wide = functools.reduce(jnp.promote_types, dtypes)
     n = len(grad_leaves)
     param_leaves = [None] * n if param_leaves is None else [jnp.asarray(p) for p in param_leaves]
-    update_leaves = [None] * n if update_leaves is None else [jnp.asarray(u) for u in update_leaves]
+    if update_leaves is None:
+        update_leaves = [None] * n
+    elif updates_fn is None:
+        update_leaves = [jnp.asarray(u) for u in update_leaves]
 
     def one_leaf(g, param, update, dtype):
         """The packed row of float fields, the counts and the histogram of one leaf."""
@@ -613,28 +628,37 @@ def _packed_stats(
         )
 
     # Outside a branch every group is computed where it stands. Inside one (branch=False) the
-    # groups go in runs of about SEQUENCE_ELEMENTS entries, run after run: each run in a cond
-    # of its own whose predicate reads the previous run's counts (never negative, which XLA
-    # cannot know), so that only one run's temporaries are live at a time. A cond per run
-    # rather than per leaf: each cond is compiled as a program of its own.
+    # groups go in runs of about SEQUENCE_ELEMENTS entries (at most MAX_SEQUENCE_RUNS runs),
+    # run after run: each run in a cond of its own whose predicate reads the previous run's
+    # counts (never negative, which XLA cannot know), so that only one run's temporaries are
+    # live at a time. A cond per run rather than per leaf: each is compiled as a program of its
+    # own, with its own copy of the updates' computation when they come as a function.
+    run_size = max(SEQUENCE_ELEMENTS, -(-sum(g.size for g in grad_leaves) // MAX_SEQUENCE_RUNS))
     runs: list[list[list[int]]] = [[]]
     size = 0
     for indices in groups.values():
-        if runs[-1] and (branch or size >= SEQUENCE_ELEMENTS):
+        if runs[-1] and (branch or size >= run_size):
             runs.append([])
             size = 0
         runs[-1].append(indices)
         size += sum(grad_leaves[i].size for i in indices)
 
     def run_stats(run, inputs):
+        if updates_fn is not None:
+            fresh = jax.tree_util.tree_leaves(updates_fn())
+            inputs = [
+                (g, p, [fresh[i] for i in indices])
+                for (g, p, _), indices in zip(inputs, run, strict=True)
+            ]
         return [group_stats(indices, *args) for indices, args in zip(run, inputs, strict=True)]
 
+    given_updates = [None] * n if updates_fn is not None else update_leaves
     previous = None
     for run in runs:
         inputs = [
             tuple(
                 [leaves[i] for i in indices]
-                for leaves in (grad_leaves, param_leaves, update_leaves)
+                for leaves in (grad_leaves, param_leaves, given_updates)
             )
             for indices in run
         ]
@@ -904,7 +928,7 @@ def health_monitor(
             # have to be materialised, which keeps XLA from fusing the inner optimiser's
             # arithmetic into the parameter update on the steps that are not monitored. Inside
             # this rarely taken branch the statistics take their cond-free exact path.
-            return compute(inner_update(grads, state.inner_state, params)[0], branch=False)
+            return compute(lambda: inner_update(grads, state.inner_state, params)[0], branch=False)
 
         due = state.count % every == 0
         if every == 1:

@@ -1,6 +1,7 @@
 """gradient_stats, health_monitor and log_health against NumPy references."""
 
 import functools
+import math
 
 import chex
 import jax
@@ -635,6 +636,10 @@ def test_exact_statistics_of_a_large_leaf_read_it_in_four_fused_passes():
     assert all(e.primitive.name == "reduce" and len(e.invars) >= 4 for e in over_leaf)
 
 
+# Square leaves of which four make one run of the every-k branch's statistics.
+_SIDE = math.isqrt(_health.SEQUENCE_ELEMENTS // 4) + 1
+
+
 def test_monitor_branch_temporaries_do_not_grow_with_the_number_of_large_leaves():
     # health_monitor(every > 1) computes its leaves in runs, one after another (each run in a
     # cond of its own, chained on the previous run's counts), so the runs' temporaries share
@@ -642,13 +647,13 @@ def test_monitor_branch_temporaries_do_not_grow_with_the_number_of_large_leaves(
     # which XLA:CPU allocates on every call, taken or not, and past glibc's mmap threshold
     # page-faults in afresh (+17.5% per step on a 3.4M-parameter MLP).
     def temp_bytes(count):
-        params = {f"w{i}": jnp.ones((256, 256)) for i in range(count)}
+        params = {f"w{i}": jnp.ones((_SIDE, _SIDE)) for i in range(count)}
         tx = health_monitor(every=2, inner=optax.adam(1e-3))
         update = jax.jit(tx.update).lower(params, tx.init(params), params).compile()
         return update.memory_analysis().temp_size_in_bytes
 
-    # 4 leaves are one run of _health.SEQUENCE_ELEMENTS entries, 12 leaves three.
-    per_parameter = (temp_bytes(12) - temp_bytes(4)) / (8 * 256 * 256)
+    # 4 leaves make one run of the branch's statistics, 12 leaves three.
+    per_parameter = (temp_bytes(12) - temp_bytes(4)) / (8 * _SIDE * _SIDE)
     assert per_parameter < 1.0, per_parameter
 
 

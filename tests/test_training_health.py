@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gradkit import _tensorboard
+from gradkit import _health, _tensorboard
 from gradkit.diagnostics import gradient_stats
 from gradkit.layers import MLP
 from gradkit.training import TrainState, fit, make_train_step
@@ -52,6 +52,10 @@ def test_step_reports_health_on_every_kth_step_only():
     assert step._cache_size() == 1  # the gate is evaluated on the device: no retrace
 
 
+# Square leaves of which four make one run of the every-k branch's statistics.
+_SIDE = math.isqrt(_health.SEQUENCE_ELEMENTS // 4) + 1
+
+
 def test_gated_health_keeps_gradients_and_updates_only_in_temporary_memory():
     # With health_every=k the statistics sit in a lax.cond whose temporaries share the step's
     # temporary buffer, which XLA:CPU allocates on every call (and, past glibc's mmap
@@ -61,7 +65,7 @@ def test_gated_health_keeps_gradients_and_updates_only_in_temporary_memory():
     # statistics stay exact.
     def chain(count):
         keys = jax.random.split(jax.random.key(0), count)
-        params = {f"w{i}": 0.05 * jax.random.normal(keys[i], (256, 256)) for i in range(count)}
+        params = {f"w{i}": 0.05 * jax.random.normal(keys[i], (_SIDE, _SIDE)) for i in range(count)}
 
         def loss(params, x):
             for i in range(count):
@@ -71,21 +75,21 @@ def test_gated_health_keeps_gradients_and_updates_only_in_temporary_memory():
         optimizer = optax.adam(1e-3)
         return loss, params, optimizer, make_train_step(loss, optimizer, health_every=2)
 
-    x = jnp.linspace(-1.0, 1.0, 8 * 256).reshape(8, 256)
+    x = jnp.linspace(-1.0, 1.0, 8 * _SIDE).reshape(8, _SIDE)
 
     def temp_bytes(count):
         _, params, optimizer, step = chain(count)
         compiled = step.lower(TrainState.create(params, optimizer), x).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    # 4 leaves are one run of _health.SEQUENCE_ELEMENTS entries, 12 leaves three.
-    per_parameter = (temp_bytes(12) - temp_bytes(4)) / (8 * 256 * 256)
+    # 4 leaves make one run of the branch's statistics, 12 leaves three.
+    per_parameter = (temp_bytes(12) - temp_bytes(4)) / (8 * _SIDE * _SIDE)
     assert per_parameter <= 12, per_parameter  # 10.0 (8 of them the cond's operands)
 
     # A loss whose gradient is exactly the batch: the statistics of the step's gradient can be
     # compared bit for bit (histograms) with those of a known array.
     _, params, optimizer, _ = chain(3)
-    batch = jax.random.normal(jax.random.key(1), (256, 256)) * jnp.logspace(-8, 2, 256)
+    batch = jax.random.normal(jax.random.key(1), (_SIDE, _SIDE)) * jnp.logspace(-8, 2, _SIDE)
 
     def linear(params, batch):
         return sum(jnp.vdot(w, batch) for w in params.values())
