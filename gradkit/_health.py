@@ -840,13 +840,13 @@ def health_monitor(
     NaN for steps whose ``update`` call received no ``params``.
 
     On a CPU, mind the step's temporary memory when ``every > 1``: the cond keeps the
-    gradients and the branch's temporaries (about 15 bytes per parameter) in the temporary
-    buffer XLA:CPU allocates on every call, and past glibc's mmap threshold (at most 32 MiB,
-    about 2M parameters) every call page-faults it in afresh: +17.5% per step on a
-    3.4M-parameter MLP, +7.0% with TCMalloc preloaded and +3.0% with
-    ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` set before Python
-    starts (README, "Training loop and health monitoring").
-    ``gradkit.training.fit(..., health_every=k)`` gates on the host and avoids it.
+    gradients (4 bytes per parameter in float32) and one run of the branch's statistics (about
+    2**19 entries at a time) in the temporary buffer XLA:CPU allocates on every call, and past
+    glibc's mmap threshold (at most 32 MiB, about 8M parameters) every call page-faults it in
+    afresh. TCMalloc preloaded, or ``MALLOC_MMAP_THRESHOLD_=268435456
+    MALLOC_TRIM_THRESHOLD_=1073741824`` set before Python starts, avoid that (README,
+    "Training loop and health monitoring"); so does ``gradkit.training.fit(...,
+    health_every=k)``, which gates on the host.
 
     Args:
       every: compute the statistics on updates 0, k, 2k, ... (a positive int).
