@@ -528,6 +528,7 @@ def _packed_stats(
     *,
     histogram: bool = True,
     branch: bool = True,
+    updates_fn: Callable[[], PyTree] | None = None,
 ) -> tuple[_Layout, _Packed]:
     """:func:`gradient_stats` as a static layout and three arrays; validates its input.
 
@@ -536,20 +537,21 @@ def _packed_stats(
     inside a rarely taken :func:`jax.lax.cond` branch (``health_monitor(every > 1)``,
     ``make_train_step(health_every=k)``): the exact path without per-leaf conds, since every
     operation in a branch costs time on the steps that skip it, and the leaves in runs of about
-    :data:`SEQUENCE_ELEMENTS` entries, one run after another. ``updates`` may then be a
-    function returning them, which each run calls for its own leaves. Otherwise XLA schedules
+    :data:`SEQUENCE_ELEMENTS` entries, one run after another. ``updates_fn``, a function
+    returning the updates, may then replace ``updates``: each run calls it for its own leaves.
+    Otherwise XLA schedules
     every leaf's temporaries (histogram indices, scaled copies, the recomputed updates) at
     once: 12 bytes per parameter of the step's temporary buffer, which XLA:CPU allocates on
     every call, taken or not, and which past glibc's mmap threshold is page-faulted in afresh
     (+17.5% per step for ``health_monitor(every=100)`` on a 3.4M-parameter MLP, whose buffer
     the runs take from 49.9 to 22.1 MiB).
     """
-    updates_fn = None
-    if callable(updates):
-        # Inside a branch the updates may come as a function that computes them: each run
-        # then computes its own leaves' updates (XLA drops the rest), so they are not all
-        # alive at once.
-        updates_fn, updates = updates, jax.eval_shape(updates)
+    if updates_fn is not None:
+        # Each run computes its own leaves' updates (XLA drops the rest), so that they are not
+        # all alive at once.
+        if updates is not None or branch:
+            raise ValueError("updates_fn is for branch=False, in place of updates")
+        updates = jax.eval_shape(updates_fn)
     leaves_with_path = _check_floating("grads", grads)
     grad_leaves = [jnp.asarray(leaf) for _, leaf in leaves_with_path]
     param_leaves = (
@@ -873,13 +875,14 @@ def health_monitor(
         raise ValueError(f"every must be a positive integer, got {every!r}")
     every = int(every)
 
-    def _stats(grads, params, updates, branch):
+    def _stats(grads, params, updates, branch, updates_fn=None):
         return _packed_stats(
             grads,
             params,
             updates if inner is not None else None,
             histogram=histogram,
             branch=branch,
+            updates_fn=updates_fn if inner is not None else None,
         )
 
     def init_fn(params):
@@ -910,12 +913,12 @@ def health_monitor(
                 return grads, inner_state
             return inner.update(grads, inner_state, params)
 
-        def compute(applied, branch):
+        def compute(applied, branch, updates_fn=None):
             if params is not None:
-                _, packed = _stats(grads, params, applied, branch)
+                _, packed = _stats(grads, params, applied, branch, updates_fn)
             else:
                 # No params this step: keep the state's layout, mark what is unknown as NaN.
-                _, packed = _stats(grads, grads, applied, branch)
+                _, packed = _stats(grads, grads, applied, branch, updates_fn)
                 unknown = np.isin(_FLOAT_FIELDS, ["param_norm", "update_ratio"])
                 packed = packed._replace(floats=jnp.where(unknown, jnp.nan, packed.floats))
             # Gradients may arrive in another dtype than the params the state was built from.
@@ -927,8 +930,13 @@ def health_monitor(
             # The inner update is recomputed here rather than passed in: a cond operand would
             # have to be materialised, which keeps XLA from fusing the inner optimiser's
             # arithmetic into the parameter update on the steps that are not monitored. Inside
-            # this rarely taken branch the statistics take their cond-free exact path.
-            return compute(lambda: inner_update(grads, state.inner_state, params)[0], branch=False)
+            # this rarely taken branch the statistics take their exact path without per-leaf
+            # conds, in runs that each recompute their own leaves' updates.
+            return compute(
+                None,
+                branch=False,
+                updates_fn=lambda: inner_update(grads, state.inner_state, params)[0],
+            )
 
         due = state.count % every == 0
         if every == 1:

@@ -657,6 +657,38 @@ def test_monitor_branch_temporaries_do_not_grow_with_the_number_of_large_leaves(
     assert per_parameter < 1.0, per_parameter
 
 
+@jax.tree_util.register_pytree_node_class
+class _CallableModel:
+    """A pytree node that is also callable, like an Equinox module."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        return x @ self.w
+
+    def tree_flatten(self):
+        return (self.w,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_monitor_takes_params_and_updates_that_are_callable_pytrees(every):
+    # The branch may compute the updates from a function; a pytree that is itself callable
+    # (an Equinox module) must still be read as the updates, not called.
+    params = _CallableModel(jnp.ones((_SIDE, 4)))
+    grads = _CallableModel(jnp.full((_SIDE, 4), 0.5))
+    tx = health_monitor(every=every, inner=optax.sgd(0.1))
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates.w, -0.05)
+    stats = state.stats.w
+    np.testing.assert_allclose(stats.norm, 0.5 * np.sqrt(_SIDE * 4), rtol=1e-6)
+    np.testing.assert_allclose(stats.update_ratio, 0.05, rtol=1e-6)
+
+
 def test_monitor_branch_runs_before_the_optimizer_update():
     # With every > 1 the inner optimiser reads its inputs through an optimisation barrier
     # placed after the statistics' cond, so the cond does not keep the gradients alive after
