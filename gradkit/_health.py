@@ -234,8 +234,8 @@ def _histogram(x: jax.Array) -> jax.Array:
 #: are what the branch adds to the step's temporary memory.
 SEQUENCE_ELEMENTS = 2**19
 
-#: At most this many such runs: each compiles the inner optimiser's update afresh (XLA then
-#: drops the other leaves'), so compile time grows with their number.
+#: At most this many such runs: each is a cond, compiled as a program of its own, so compile
+#: time grows with their number.
 MAX_SEQUENCE_RUNS = 8
 
 
