@@ -230,7 +230,7 @@ def _histogram(x: jax.Array) -> jax.Array:
 
 
 #: Inside a rarely taken branch, the statistics of about this many gradient entries at a time
-#: (see :func:`_packed_stats`): their temporaries, 8 to 11 bytes per entry with the updates
+#: (see :func:`_packed_stats`): their temporaries, 8 to 11 bytes per entry with the updates,
 #: are what the branch adds to the step's temporary memory.
 SEQUENCE_ELEMENTS = 2**19
 
@@ -539,10 +539,10 @@ def _packed_stats(
     operation in a branch costs time on the steps that skip it, and the leaves in runs of about
     :data:`SEQUENCE_ELEMENTS` entries, one run after another. ``updates_fn``, a function
     returning the updates, may then replace ``updates``: each run calls it for its own leaves.
-    Otherwise XLA schedules
-    every leaf's temporaries (histogram indices, scaled copies, the recomputed updates) at
-    once: 8 to 11 bytes per parameter of the step's temporary buffer, which XLA:CPU allocates on
-    every call, taken or not, and which past glibc's mmap threshold is page-faulted in afresh
+    Otherwise XLA schedules every leaf's temporaries (histogram indices, scaled copies, the
+    recomputed updates) at once: 8 to 11 bytes per parameter of the step's temporary buffer,
+    which XLA:CPU allocates on every call, taken or not, and which past glibc's mmap threshold
+    is page-faulted in afresh
     (+17.5% per step for ``health_monitor(every=100)`` on a 3.4M-parameter MLP, whose buffer
     the runs take from 49.9 to 22.1 MiB).
     """
