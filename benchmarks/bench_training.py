@@ -200,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only the paired health-monitor rounds (with page faults and temporary "
         "memory per variant)",
     )
+    parser.add_argument(
+        "--fit-only",
+        action="store_true",
+        help="run only the paired fit rounds (fit against the hand-written loops)",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes
     if args.compile_only:
@@ -375,35 +380,89 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {statistics.median(faults[name]):,.0f} | {temp_mib[name]:.1f} |"
             )
 
-    def paired_fit_rounds(rounds: int, block: int) -> dict[str, list[float]]:
-        """Seconds per round of ``block`` steps for the hand-written loop with the gradient
-        norm and for ``fit`` (on arrays and on an iterable), interleaved like the monitors.
+    def hand_runner(shuffle: str | None):
+        """A hand-written loop + grad norm as a function of a number of steps, compiled on first
+        use and keeping its state across calls (its rounds continue one run).
 
-        The hand-written step is compiled once and keeps its state across rounds. Each ``fit``
-        round is a whole call (it compiles its step afresh): the clock starts in a callback
-        after ``--warmup`` steps and stops when ``fit`` returns, as in the first table.
+        ``shuffle``: None takes the device batches in order, like the other tables; ``"device"``
+        reshuffles every epoch with ``jax.random.permutation`` and gathers each batch inside the
+        step from the arrays on the device, the way ``fit`` does; ``"numpy"`` reshuffles with
+        NumPy on the host and passes each batch (``x[order[i:i + 128]]``) to the step, the loop
+        most people port from PyTorch.
         """
-        train_step = None
-        state: list = []
+        per_epoch = examples // BATCH
+        state: dict = {}
 
-        def hand(steps: int) -> float:
-            nonlocal train_step
-            if train_step is None:
+        def body(params, opt_state, inputs, labels):
+            loss, grads = jax.value_and_grad(loss_fn)(params, (inputs, labels))
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            return new_params, opt_state, (loss, optax.tree.norm(grads))
 
-                @jax.jit
-                def train_step(params, opt_state, inputs, labels):
-                    loss, grads = jax.value_and_grad(loss_fn)(params, (inputs, labels))
-                    updates, opt_state = optimizer.update(grads, opt_state, params)
-                    new_params = optax.apply_updates(params, updates)
-                    return new_params, opt_state, (loss, optax.tree.norm(grads))
+        @jax.jit
+        def gathering_step(params, opt_state, arrays, order, offset):
+            index = jax.lax.dynamic_slice_in_dim(order, offset, BATCH)
+            inputs, labels = (a.at[index].get(mode="promise_in_bounds") for a in arrays)
+            return body(params, opt_state, inputs, labels)
 
-                state[:] = [params, optimizer.init(params)]
-            elapsed, p, opt_state = timed_steps(train_step, *state, steps)
-            state[:] = [p, opt_state]
+        permutation = jax.jit(
+            lambda epoch: jax.random.permutation(
+                jax.random.fold_in(jax.random.key(0), epoch), examples
+            ).astype(jnp.int32)
+        )
+        host_rng = np.random.default_rng(0)
+
+        def run(steps: int) -> float:
+            if not state:
+                state.update(
+                    step=jax.jit(body),
+                    params=params,
+                    opt_state=optimizer.init(params),
+                    number=0,
+                    order=None,
+                    arrays=(jnp.asarray(x), jnp.asarray(y)),
+                )
+            p, opt_state, number = state["params"], state["opt_state"], state["number"]
+            step, arrays, order = state["step"], state["arrays"], state["order"]
+            jax.block_until_ready(p)
+            start = time.perf_counter()
+            for _ in range(steps):
+                epoch, index = divmod(number, per_epoch)
+                if shuffle is None:
+                    p, opt_state, out = step(p, opt_state, *device_batches[index])
+                elif shuffle == "device":
+                    if index == 0 or order is None:
+                        order = permutation(np.uint32(epoch))
+                    offset = np.int32(index * BATCH)
+                    p, opt_state, out = gathering_step(p, opt_state, arrays, order, offset)
+                else:
+                    if index == 0 or order is None:
+                        order = host_rng.permutation(examples)
+                    rows = order[index * BATCH : (index + 1) * BATCH]
+                    p, opt_state, out = step(p, opt_state, x[rows], y[rows])
+                number += 1
+            jax.block_until_ready((p, out))
+            elapsed = time.perf_counter() - start
+            state.update(params=p, opt_state=opt_state, number=number, order=order)
             return elapsed
 
+        return run
+
+    def paired_fit_rounds(rounds: int, block: int) -> dict[str, list[float]]:
+        """Seconds per round of ``block`` steps for the hand-written loops (with the gradient
+        norm) and for ``fit`` (on arrays and on an iterable), interleaved like the monitors.
+
+        Each hand-written step is compiled once and keeps its state across rounds. The loop on
+        the device batches runs twice, as two variants compiled separately: their ratio would be
+        1 on a quiet machine, so its spread is this method's noise. Each ``fit`` round is a
+        whole call (it compiles its step afresh): the clock starts in a callback after
+        ``--warmup`` steps and stops when ``fit`` returns, as in the first table.
+        """
         runs = {
-            "hand-written loop + grad norm": hand,
+            "hand-written loop + grad norm": hand_runner(None),
+            "hand-written loop + grad norm, again": hand_runner(None),
+            "hand-written loop + grad norm, shuffled on the device": hand_runner("device"),
+            "hand-written loop + grad norm, shuffled with NumPy": hand_runner("numpy"),
             "fit (arrays)": lambda steps: fit_arrays(steps, args.warmup),
             "fit (iterable)": lambda steps: fit_iterable(steps, args.warmup),
             "fit (arrays), health_every=100": lambda steps: timed_fit(
@@ -413,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 (x, y), BATCH, steps, args.warmup, health_every=1
             ),
         }
-        hand(2)  # compile
+        for name, run in runs.items():  # compile the hand-written steps
+            if name.startswith("hand"):
+                run(2)
         times: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)
         for r in range(rounds):
@@ -421,9 +482,43 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(runs[name](block))
         return times
 
+    def print_paired_fit(paired_fit: dict[str, list[float]]) -> None:
+        print(
+            f"\nfit paired with the hand-written loops (all + grad norm): {args.fit_rounds} "
+            f"rounds of {args.block} steps per variant, interleaved (order reversed every other "
+            "round); steps/second relative to the reference's in the same round"
+        )
+        print("| variant | reference | ratio, median of rounds | quartiles |")
+        print("|---|---|---:|---:|")
+        batches = "hand-written loop + grad norm"
+        comparisons = [
+            ("hand-written loop + grad norm, again", batches),
+            ("hand-written loop + grad norm, shuffled on the device", batches),
+            ("hand-written loop + grad norm, shuffled with NumPy", batches),
+            ("fit (arrays)", batches),
+            ("fit (iterable)", batches),
+            ("fit (arrays)", "hand-written loop + grad norm, shuffled on the device"),
+            ("fit (arrays)", "hand-written loop + grad norm, shuffled with NumPy"),
+        ]
+        for name, reference in comparisons:
+            ratios = np.asarray(paired_fit[reference]) / np.asarray(paired_fit[name])
+            low, mid, high = np.percentile(ratios, [25, 50, 75])
+            print(f"| {name} | {reference} | {mid:.3f} | {low:.3f} to {high:.3f} |")
+        print(
+            "\nfit's own health monitoring in the same rounds: time per step relative to fit "
+            "(arrays) without it in the same round"
+        )
+        print("| variant | overhead per step, median of rounds | quartiles |")
+        print("|---|---:|---:|")
+        plain_fit = np.asarray(paired_fit["fit (arrays)"])
+        for name in ("fit (arrays), health_every=100", "fit (arrays), health_every=1"):
+            ratios = np.asarray(paired_fit[name]) / plain_fit - 1
+            low, mid, high = np.percentile(ratios, [25, 50, 75])
+            print(f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} |")
+
     header = f"gradkit training benchmark: MLP {sizes}, batch {BATCH}, float32, Adam" + (
         ""
-        if args.monitor_only
+        if args.monitor_only or args.fit_only
         else f", {args.steps} timed steps after {args.warmup}, {args.repeats} repeat(s)"
     )
     platform_line = (
@@ -434,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
         print(platform_line)
         print_paired_monitors(paired_monitor_rounds(args.rounds, args.block))
+        return 0
+    if args.fit_only:
+        print(header)
+        print(platform_line)
+        print_paired_fit(paired_fit_rounds(args.fit_rounds, args.block))
         return 0
 
     variants = {
@@ -509,27 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "\nall repetitions (steps/s): "
         + "; ".join(f"{name}: {', '.join(f'{r:.0f}' for r in rs)}" for name, rs in rates.items())
     )
-    print(
-        f"\nfit paired with the hand-written loop + grad norm: {args.fit_rounds} rounds of "
-        f"{args.block} steps per variant, interleaved (order reversed every other round); "
-        "steps/second relative to the hand-written loop's in the same round"
-    )
-    print("| variant | ratio, median of rounds | quartiles |")
-    print("|---|---:|---:|")
-    reference = np.asarray(paired_fit["hand-written loop + grad norm"])
-    for name in ("fit (arrays)", "fit (iterable)"):
-        low, mid, high = np.percentile(reference / np.asarray(paired_fit[name]), [25, 50, 75])
-        print(f"| {name} | {mid:.3f} | {low:.3f} to {high:.3f} |")
-    print(
-        "\nfit's own health monitoring in the same rounds: time per step relative to fit "
-        "(arrays) without it in the same round"
-    )
-    print("| variant | overhead per step, median of rounds | quartiles |")
-    print("|---|---:|---:|")
-    plain_fit = np.asarray(paired_fit["fit (arrays)"])
-    for name in ("fit (arrays), health_every=100", "fit (arrays), health_every=1"):
-        low, mid, high = np.percentile(np.asarray(paired_fit[name]) / plain_fit - 1, [25, 50, 75])
-        print(f"| {name} | {mid:+.1%} | {low:+.1%} to {high:+.1%} |")
+    print_paired_fit(paired_fit)
     print("\nGradient-health monitoring: time per step relative to the same loop without it")
     print("| variant | steps/s, median | overhead (median) | overhead (best) |")
     print("|---|---:|---:|---:|")
