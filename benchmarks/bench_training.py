@@ -23,8 +23,15 @@ each variant's step compiled once, then ``--rounds`` rounds in which every varia
 steps in turn; the overhead is the median over rounds of each round's time relative to the plain
 loop's in the same round, which cancels most of the drift of a shared machine. A fourth table
 pairs ``fit`` with the hand-written loop + grad norm the same way (``--fit-rounds`` rounds, each
-``fit`` round a whole call timed after its warm-up steps), and a fifth, from the same rounds,
-gives ``fit(..., health_every=100)`` and ``health_every=1`` relative to ``fit`` without them.
+``fit`` round a whole call timed after its warm-up steps; ``--fit-only`` runs just these
+rounds), and also with two hand-written loops that shuffle like ``fit`` on arrays: one gathering
+each batch inside the step from a ``jax.random.permutation`` per epoch, as ``fit`` does, and one
+indexing the arrays with a NumPy permutation on the host, the loop most people port from
+PyTorch. A fifth, from the same rounds, gives ``fit(..., health_every=100)`` and
+``health_every=1`` relative to ``fit`` without them. Both paired tables include an A/A control:
+the reference loop compiled a second time and run as a variant of its own. On a quiet machine
+its ratio would be exactly 1; its median and quartiles show how far this method's figures move
+by chance on the machine at hand.
 
 Throughput excludes compilation and start-up: each run takes ``--warmup`` steps first (the
 compile happens there), then the clock starts, and steps/second is ``--steps`` divided by the time
@@ -306,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         """
         monitors = {
             "plain Adam": optimizer,
+            "plain Adam, again (A/A control)": optimizer,
             "health_monitor(every=1)": health_monitor(every=1, inner=optimizer),
             "health_monitor(every=1, histogram=False)": health_monitor(
                 every=1, inner=optimizer, histogram=False
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         """
         runs = {
             "hand-written loop + grad norm": hand_runner(None),
-            "hand-written loop + grad norm, again": hand_runner(None),
+            "hand-written loop + grad norm, again (A/A control)": hand_runner(None),
             "hand-written loop + grad norm, shuffled on the device": hand_runner("device"),
             "hand-written loop + grad norm, shuffled with NumPy": hand_runner("numpy"),
             "fit (arrays)": lambda steps: fit_arrays(steps, args.warmup),
@@ -492,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---:|---:|")
         batches = "hand-written loop + grad norm"
         comparisons = [
-            ("hand-written loop + grad norm, again", batches),
+            ("hand-written loop + grad norm, again (A/A control)", batches),
             ("hand-written loop + grad norm, shuffled on the device", batches),
             ("hand-written loop + grad norm, shuffled with NumPy", batches),
             ("fit (arrays)", batches),
