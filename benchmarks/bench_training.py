@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         the device batches runs twice, as two variants compiled separately: their ratio would be
         1 on a quiet machine, so its spread is this method's noise. Each ``fit`` round is a
         whole call (it compiles its step afresh): the clock starts in a callback after
-        ``--warmup`` steps and stops when ``fit`` returns, as in the first table.
+        ``--warmup`` steps and stops in the callback of its last timed step, as in the first table.
         """
         runs = {
             "hand-written loop + grad norm": hand_runner(None),
