@@ -766,6 +766,49 @@ def _looks_like_listed_arrays(data: Any) -> bool:
     return all(isinstance(part, list) and numeric(part) for part in parts)
 
 
+def _check_not_mixed(data: Any) -> None:
+    """Refuses the data that look like arrays of examples but would be iterated as batches.
+
+    A tuple or dict holding arrays next to other values (``(x, y.tolist())``, ``{"x": x,
+    "scale": 2.0}``) is not an array dataset, and iterating it would hand each part to the loss
+    as a whole batch. A list of a few arrays sharing their leading axis but not their per-example
+    shape or dtype (``[x, y]``) is the inputs and labels of one dataset, not batches, which
+    share both.
+    """
+    if isinstance(data, tuple | Mapping):
+        leaves = jax.tree_util.tree_flatten_with_path(data)[0]
+        arrays = [path for path, leaf in leaves if _is_array(leaf)]
+        others = [(path, leaf) for path, leaf in leaves if not _is_array(leaf)]
+        if others and (arrays or isinstance(data, Mapping)):
+            path, leaf = others[0]
+            raise TypeError(
+                f"data is a {type(data).__name__} of arrays, the examples to train on, but "
+                f"data{jax.tree_util.keystr(path)} is {type(leaf).__name__}, not an array; "
+                "convert every part to an array (np.asarray) sharing the leading example axis"
+                + (
+                    ""
+                    if isinstance(data, Mapping)
+                    else ", or pass a list of batches to iterate over"
+                )
+            )
+    if isinstance(data, list) and 1 < len(data) <= 8 and all(_is_array(part) for part in data):
+        shapes = [np.shape(part) for part in data]
+        dtypes = {np.dtype(part.dtype) for part in data}
+        lengths = {shape[0] if shape else None for shape in shapes}
+        if len(lengths) == 1 and None not in lengths:
+            if len({shape[1:] for shape in shapes}) > 1 or len(dtypes) > 1:
+                described = ", ".join(
+                    f"{np.dtype(part.dtype).name}{list(np.shape(part))}" for part in data
+                )
+                raise TypeError(
+                    f"data is a list of {len(data)} arrays ({described}) sharing their leading "
+                    "axis but not their shapes or dtypes: they look like the parts of one "
+                    "dataset (inputs, labels), but fit takes a list as an iterable of batches, "
+                    "each array a whole batch; pass them as a tuple, e.g. (x, y), to train on "
+                    "their rows as examples"
+                )
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -810,6 +853,7 @@ class _Batches:
                     "for an iterable of batches; convert them to arrays (np.asarray) to train "
                     "on them as examples"
                 )
+            _check_not_mixed(data)
             if batch_size is not None:
                 raise ValueError(
                     "batch_size applies to array data; an iterable already yields batches "
@@ -922,7 +966,11 @@ def fit(
       params: initial parameters (any pytree of float arrays).
       data: arrays (an array, a tuple or a dict of arrays with a common leading axis), shuffled
         and batched on the fly; or any other iterable of batches (a list, a generator, a data
-        loader), used as is and re-iterated for more passes when it can be.
+        loader), used as is and re-iterated for more passes when it can be. A list is always
+        an iterable of batches: inputs and labels go in a tuple, ``(x, y)``, not ``[x, y]``
+        (a short list of arrays sharing their leading axis but not their shapes or dtypes is
+        refused as the likely mistake, as are a tuple or dict mixing arrays with lists or
+        numbers).
       optimizer: an optax ``GradientTransformation``.
       steps: total number of steps (counting steps already done when resuming). Exactly one of
         ``steps`` and ``epochs``.

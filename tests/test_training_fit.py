@@ -302,6 +302,30 @@ def test_bad_fit_arguments_fail_before_any_step():
         fit(linear_loss, LINEAR, (X, Y), optax.sgd(0.1), steps=0)
 
 
+def test_data_that_would_be_iterated_part_by_part_is_refused():
+    # Each of these was once iterated as a sequence of "batches", handing the loss x and then
+    # y (or the dict's keys) as whole batches: training ran on the wrong data without a word.
+    sgd = optax.sgd(0.1)
+    with pytest.raises(TypeError, match=r"data\[1\]\[0\] is float, not an array.*np\.asarray"):
+        fit(linear_loss, LINEAR, (X, Y.tolist()), sgd, steps=3, progress=False)
+    with pytest.raises(TypeError, match=r"data\['scale'\] is float, not an array"):
+        fit(linear_loss, LINEAR, {"x": X, "y": Y, "scale": 2.0}, sgd, steps=3, progress=False)
+    with pytest.raises(
+        TypeError,
+        match=r"list of 2 arrays \(float32\[40, 3\], float32\[40\]\).*"
+        r"pass them as a tuple",
+    ):
+        fit(linear_loss, LINEAR, [X, Y], sgd, steps=3, progress=False)
+    # A list of batches (same shapes, or tuples) is still an iterable of batches.
+    batches = [(X[:20], Y[:20]), (X[20:], Y[20:])]
+    _, history = fit(linear_loss, LINEAR, batches, sgd, steps=2, progress=False)
+    assert len(history) == 2
+    _, history = fit(
+        lambda p, x: jnp.sum(x @ p["w"]), LINEAR, [X[:20], X[20:]], sgd, steps=2, progress=False
+    )
+    assert len(history) == 2
+
+
 def test_an_eval_fn_returning_an_array_is_a_clear_error():
     common = dict(steps=2, batch_size=8, eval_every=1, progress=False)
     with pytest.raises(ValueError, match=r"eval_fn must return a real scalar.*its result is "):
