@@ -822,12 +822,38 @@ class HealthMonitorState:
         )
 
 
+def _check_monitored_structure(treedef: Any, grads: PyTree) -> None:
+    """Raises unless ``grads`` has the pytree structure of the params the monitor was
+    initialised with: the packed statistics are stored by leaf position, so another structure
+    would file one leaf's statistics under another's name."""
+    if jax.tree_util.tree_structure(grads) == treedef:
+        return
+    expected = [
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(
+            jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves)
+        )[0]
+    ]
+    got = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    missing = [path for path in expected if path not in set(got)]
+    extra = [path for path in got if path not in set(expected)]
+    details = ([f"grads{extra[0]} is not among them"] if extra else []) + (
+        [f"grads has no {missing[0]}"] if missing else []
+    )
+    detail = " and ".join(details) or "the leaves come in another order"
+    raise ValueError(
+        f"health_monitor: grads must have the pytree structure of the params the optimiser "
+        f"state was initialised with ({len(expected)} leaves; got {len(got)}): {detail}. "
+        "Re-initialise the state (tx.init(params)) after changing the model"
+    )
+
+
 def health_monitor(
     every: int = 1,
     inner: optax.GradientTransformation | None = None,
     *,
     histogram: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""An optax transformation that keeps gradient-health statistics in its state.
 
     Every ``every`` updates (the first one included) it computes :func:`gradient_stats` of the
@@ -856,11 +882,15 @@ def health_monitor(
       histogram: also keep the log2-magnitude histograms (see :func:`gradient_stats`).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`HealthMonitorState`; find it
-      in a chained state with :func:`latest_health`.
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`HealthMonitorState`; find it in a chained state with :func:`latest_health`.
+      Extra keyword arguments of ``update`` (``value``, ``grad``, ``value_fn``: what
+      ``optax.lbfgs`` and ``optax.contrib.reduce_on_plateau`` need) go to ``inner``.
 
     Raises:
-      ValueError: if ``every`` is not a positive integer.
+      ValueError: if ``every`` is not a positive integer; from ``update``, if the gradients'
+        pytree structure is not that of the params ``init`` was given (naming the first leaf
+        that differs).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -874,6 +904,7 @@ def health_monitor(
     if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
     every = int(every)
+    wrapped = None if inner is None else optax.with_extra_args_support(inner)
 
     def _stats(grads, params, updates, branch, updates_fn=None):
         return _packed_stats(
@@ -905,13 +936,16 @@ def health_monitor(
             layout=layout,
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         grads = updates
+        _check_monitored_structure(state.layout.treedef, grads)
 
         def inner_update(grads, inner_state, params):
             if inner is None:
                 return grads, inner_state
-            return inner.update(grads, inner_state, params)
+            # value, grad, value_fn (optax.lbfgs, reduce_on_plateau, ...) reach the inner
+            # optimiser; one that takes no extra arguments ignores them, as in optax.chain.
+            return wrapped.update(grads, inner_state, params, **extra_args)
 
         def compute(applied, branch, updates_fn=None):
             if params is not None:
@@ -962,7 +996,7 @@ def health_monitor(
         )
         return new_updates, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def latest_health(opt_state: optax.OptState) -> HealthMonitorState:

@@ -249,6 +249,55 @@ def test_monitor_rejects_bad_every():
         health_monitor(every=2.5)
 
 
+def test_monitor_rejects_gradients_of_another_structure_than_its_state():
+    # The statistics are stored by leaf position: grads with an extra leaf once had its
+    # statistics filed under another leaf's name (every=1) or failed inside the cond (every=3).
+    params = {"w": jnp.ones(3)}
+    grads = {"v": jnp.full(2, 100.0), "w": jnp.ones(3)}
+    for every in (1, 3):
+        tx = health_monitor(every=every)
+        state = tx.init(params)
+        with pytest.raises(ValueError, match=r"1 leaves; got 2\): grads\['v'\] is not among"):
+            tx.update(grads, state, grads)
+        with pytest.raises(ValueError, match=r"grads has no \['w'\]"):
+            tx.update({"x": jnp.ones(3)}, state)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_monitor_passes_extra_arguments_to_the_inner_optimizer(every):
+    # optax.lbfgs needs value, grad and value_fn; reduce_on_plateau needs value. Wrapped in
+    # the monitor they once failed with "missing required keyword-only arguments".
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
+    y = x @ jnp.array([1.0, -2.0, 0.5])
+
+    def loss(p):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    params = {"b": jnp.zeros(()), "w": jnp.zeros(3)}
+    for inner in (
+        optax.lbfgs(),
+        optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=1)),
+    ):
+        monitored = health_monitor(every=every, inner=inner)
+        results = []
+        for tx in (inner, monitored):
+            p, state = params, tx.init(params)
+
+            @jax.jit
+            def step(p, state, tx=tx):
+                value, grad = jax.value_and_grad(loss)(p)
+                updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+                return optax.apply_updates(p, updates), state
+
+            for _ in range(4):
+                p, state = step(p, state)
+            results.append(p)
+        chex.assert_trees_all_equal(results[0], results[1])
+        health = latest_health(state)
+        assert int(health.stats_step) == (3 if every == 1 else 2)
+        assert float(health.stats["w"].update_norm) > 0
+
+
 def test_log_health_writes_scalars_and_histograms_that_read_back(tmp_path):
     tensorboardx = pytest.importorskip("tensorboardX")
     from gradkit import _tensorboard
