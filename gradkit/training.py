@@ -605,15 +605,26 @@ class History:
         """Evaluation metrics, name to ``(m,)`` array."""
         return {name: np.asarray(values) for name, values in self._eval.items()}
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def _lookup(self, name: str) -> tuple[bool, str]:
+        """``(is_eval, metric)`` for a name of :meth:`__getitem__`."""
         if name in self._train:
-            return np.asarray(self._train[name])
+            return False, name
         if name in self._eval:
-            return np.asarray(self._eval[name])
+            return True, name
+        if name.startswith("eval/") and name[len("eval/") :] in self._eval:
+            return True, name[len("eval/") :]
         raise KeyError(
             f"no metric {name!r}; train metrics {sorted(self._train)}, "
             f"eval metrics {sorted(self._eval)}"
         )
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A metric's values: a train metric, else an eval metric of that name; ``"eval/<name>"``
+        is the eval metric even when a train metric has the same name (an ``eval_fn``
+        returning ``{"loss": ...}``: ``h["loss"]`` is the training loss, ``h["eval/loss"]``
+        the evaluation's)."""
+        is_eval, metric = self._lookup(name)
+        return np.asarray((self._eval if is_eval else self._train)[metric])
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -655,7 +666,8 @@ class History:
         positive.
 
         Args:
-          names: the metrics to plot (train or eval); default all train then all eval metrics.
+          names: the metrics to plot, as :meth:`__getitem__` takes them (``"eval/loss"`` for
+            an eval metric named like a train one); default all train then all eval metrics.
           path: if given, the figure is also saved there (PNG, SVG, … by extension).
 
         Returns:
@@ -671,22 +683,26 @@ class History:
             raise ImportError(
                 'History.plot needs matplotlib: pip install "gradkit[plot]"'
             ) from error
-        names = list(names) if names is not None else [*self._train, *self._eval]
-        if not names:
+        if names is None:
+            panels = [(False, name) for name in self._train]
+            panels += [(True, name) for name in self._eval]
+        else:
+            panels = [self._lookup(name) for name in names]
+        if not panels:
             raise ValueError("History.plot: there is nothing to plot yet")
         figure, axes = plt.subplots(
-            len(names), 1, figsize=(6.4, 2.2 * len(names)), sharex=True, squeeze=False
+            len(panels), 1, figsize=(6.4, 2.2 * len(panels)), sharex=True, squeeze=False
         )
-        for axis, name in zip(axes[:, 0], names, strict=True):
-            values = self[name]
-            steps = self.steps if name in self._train else self.eval_steps
+        for axis, (is_eval, name) in zip(axes[:, 0], panels, strict=True):
+            values = np.asarray((self._eval if is_eval else self._train)[name])
+            steps = self.eval_steps if is_eval else self.steps
             # Metrics recorded every k steps (health/...) are NaN in between: plot the recorded
             # points only, or isolated points between NaNs would draw no line at all.
             recorded = np.isfinite(values)
             steps, values = steps[recorded], values[recorded]
             marker = "o" if len(values) <= 50 else None
             axis.plot(steps, values, marker=marker, markersize=3)
-            axis.set_ylabel(name if name in self._train else f"eval {name}")
+            axis.set_ylabel(f"eval {name}" if is_eval else name)
             if name.endswith("grad_norm") and values.size and np.all(values > 0):
                 axis.set_yscale("log")
             axis.grid(True, alpha=0.3)

@@ -806,6 +806,27 @@ def test_history_plot_draws_metrics_recorded_every_k_steps():
     matplotlib.pyplot.close(figure)
 
 
+def test_history_keeps_an_eval_metric_named_like_a_train_metric_apart():
+    # eval_fn=lambda p: {"loss": ...} is the usual evaluation; plot() once drew the training
+    # loss twice and the evaluation's could not be read by name.
+    history = History()
+    for step in range(1, 11):
+        history.record(step, {"loss": 1.0 / step})
+    for step in (5, 10):
+        history.record_eval(step, {"loss": 2.0 / step})
+    np.testing.assert_array_equal(history["loss"], 1.0 / np.arange(1, 11))
+    np.testing.assert_array_equal(history["eval/loss"], [0.4, 0.2])
+    for figure in (history.plot(), history.plot(["loss", "eval/loss"])):
+        train, evaluation = (axis.lines[0] for axis in figure.axes)
+        np.testing.assert_array_equal(train.get_xdata(), np.arange(1, 11))
+        np.testing.assert_array_equal(evaluation.get_xdata(), [5, 10])
+        np.testing.assert_array_equal(evaluation.get_ydata(), [0.4, 0.2])
+        assert [axis.get_ylabel() for axis in figure.axes] == ["loss", "eval loss"]
+        matplotlib.pyplot.close(figure)
+    with pytest.raises(KeyError, match=r"no metric 'eval/accuracy'"):
+        history["eval/accuracy"]
+
+
 def test_history_pads_metrics_that_appear_late_and_round_trips():
     history = History()
     history.record(1, {"loss": 1.0})
