@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
@@ -175,6 +176,10 @@ class NanOriginReport:
         ``"overflow"``, ``"invalid_operation"``) or ``None``.
       explanation: the cause and the fix in words.
       outputs: summaries of ``f``'s outputs.
+      non_finite_inputs: the arguments already holding NaN or Inf, each as ``"args[i]...:
+        n NaN, first at index (...)"`` (``args[0]`` is ``f``'s first argument). No equation
+        of ``f`` produced those: find where the data or parameters came from. When no
+        equation produced any either, :attr:`cause` is ``"non_finite_input"``.
     """
 
     found: bool
@@ -183,14 +188,47 @@ class NanOriginReport:
     cause: str | None
     explanation: str
     outputs: tuple[ValueSummary, ...]
+    non_finite_inputs: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        inputs = [f"  {entry}" for entry in self.non_finite_inputs]
         if not self.found:
+            if inputs:
+                return "\n".join([f"find_nan_origin: {self.explanation}", *inputs])
             return "find_nan_origin: no equation produced a NaN or an Inf."
         lines = [f"find_nan_origin: {self.explanation}", "", "first: " + str(self.first)]
         for event in self.events[1:]:
             lines.append("then: " + str(event))
+        if inputs:
+            lines += ["", "the arguments also held NaN or Inf already:", *inputs]
         return "\n".join(lines)
+
+
+def _non_finite_inputs(args: tuple[Any, ...]) -> tuple[str, ...]:
+    """``"args[i]...: counts, first at index"`` for each argument leaf holding NaN or Inf."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):  # ints, bools, PRNG keys
+            continue
+        array = np.asarray(leaf)
+        if array.dtype.kind not in "fc":  # bfloat16 and the other ml_dtypes
+            array = array.astype(np.float32)
+        bad = ~np.isfinite(array)
+        if not bad.any():
+            continue
+        counts = []
+        nan = int(np.isnan(array).sum())
+        posinf, neginf = int((array == np.inf).sum()), int((array == -np.inf).sum())
+        for count, what in ((nan, "NaN"), (posinf, "+Inf"), (neginf, "-Inf")):
+            if count:
+                counts.append(f"{count} {what}")
+        where = tuple(int(i) for i in np.argwhere(bad)[0]) if array.ndim else ()
+        at = f", first at index {where}" if array.ndim else ""
+        found.append(
+            f"args{jax.tree_util.keystr(path)} ({array.dtype.name}{list(array.shape)}): "
+            f"{', '.join(counts)} of {array.size}{at}"
+        )
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +616,20 @@ def find_nan_origin(f: Callable[..., Any], *args: Any, **kwargs: Any) -> NanOrig
     interpreter = _Interpreter()
     outputs = interpreter.run(closed, flat_args)
     summaries = tuple(ValueSummary.of(value) for value, _ in outputs)
+    non_finite = _non_finite_inputs(args)
     if not interpreter.events:
+        if non_finite:
+            return NanOriginReport(
+                False,
+                None,
+                (),
+                "non_finite_input",
+                "no equation produced a NaN or an Inf: the arguments already held them. "
+                "Look for where they came from (the data loading or preprocessing for a "
+                "batch, an earlier update for parameters):",
+                summaries,
+                non_finite,
+            )
         return NanOriginReport(
             False, None, (), None, "no equation produced a NaN or an Inf", summaries
         )
@@ -590,4 +641,5 @@ def find_nan_origin(f: Callable[..., Any], *args: Any, **kwargs: Any) -> NanOrig
         cause=cause,
         explanation=explanation,
         outputs=summaries,
+        non_finite_inputs=non_finite,
     )

@@ -221,3 +221,34 @@ def test_overflow_and_clean_functions():
 def test_not_callable():
     with pytest.raises(TypeError, match="f must be callable, got int"):
         find_nan_origin(3, 1.0)
+
+
+def test_arguments_already_holding_nan_are_named_not_passed_over():
+    # fit's NonFiniteLossError sends users here with the failing batch; when the NaN is in the
+    # data, no equation is its origin, and the report once said only "no equation produced a
+    # NaN or an Inf", as if all were well.
+    x = np.ones((32, 2), np.float32)
+    x[20, 1] = np.nan
+    x[25, 0] = -np.inf
+    y = np.ones(32, np.float32)
+
+    def loss(params, batch):
+        inputs, labels = batch
+        return jnp.mean((inputs @ params["w"] - labels) ** 2)
+
+    report = find_nan_origin(jax.grad(loss), {"w": jnp.zeros(2)}, (x, y))
+    assert not report.found and report.cause == "non_finite_input"
+    assert report.non_finite_inputs == (
+        "args[1][0] (float32[32, 2]): 1 NaN, 1 -Inf of 64, first at index (20, 1)",
+    )
+    text = str(report)
+    assert "the arguments already held them" in text and "args[1][0]" in text
+
+    # With an origin of its own as well, the report names both.
+    report = find_nan_origin(lambda w, b: jnp.log(w) + b[0].sum(), jnp.zeros(2), (x, y))
+    assert report.found and report.cause != "non_finite_input"
+    assert "the arguments also held NaN or Inf already" in str(report)
+
+    clean = find_nan_origin(jax.grad(loss), {"w": jnp.zeros(2)}, (np.ones((4, 2)), np.ones(4)))
+    assert clean.non_finite_inputs == () and clean.cause is None
+    assert str(clean) == "find_nan_origin: no equation produced a NaN or an Inf."
