@@ -341,6 +341,35 @@ def _check_dtypes(params: PyTree, batch: PyTree) -> None:
             )
 
 
+def _check_state(state: TrainState, optimizer: optax.GradientTransformation) -> None:
+    """Raises, at trace time, for params that cannot be differentiated and for an optimiser
+    state that another optimiser (or another model) made: both otherwise fail deep inside JAX
+    or optax without naming what is wrong."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"params{jax.tree_util.keystr(path)} has dtype {dtype}: the step differentiates "
+                "the loss with respect to every leaf of params, which must be floating point. "
+                "Make it a float array, or keep it out of params (close over it in loss_fn, "
+                "or put it in the batch)"
+            )
+    expected = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, state.params))
+    found = jax.tree_util.tree_structure(state.opt_state)
+    if found != expected:
+        raise TypeError(
+            "state.opt_state is not this optimizer's state for these params: "
+            f"optimizer.init(params) has the structure {_short(expected)}, state.opt_state "
+            f"{_short(found)}. Build the state with TrainState.create(params, optimizer) using "
+            "the optimizer given to the step"
+        )
+
+
+def _short(treedef: Any, limit: int = 160) -> str:
+    text = str(treedef)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _make_step_body(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -402,6 +431,7 @@ def _make_step_body(
         return loss, dict(aux)
 
     def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
+        _check_state(state, optimizer)
         if check_dtypes:
             _check_dtypes(state.params, batch)
         (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(state.params, batch)
@@ -511,7 +541,10 @@ def make_train_step(
 
     Raises:
       TypeError: if ``optimizer`` is not an optax transform or ``loss_fn`` is not callable; at
-        trace time, if data and params dtypes differ or ``aux`` is not a dict.
+        trace time, if data and params dtypes differ, ``aux`` is not a dict, a leaf of
+        ``state.params`` is not floating point, or ``state.opt_state`` does not have the
+        structure ``optimizer.init(state.params)`` would give (a state made by another
+        optimizer, or for another model).
       ValueError: at trace time, if ``loss_fn`` does not return a scalar.
 
     Example:

@@ -293,6 +293,26 @@ def test_optimizers_that_need_the_loss_get_value_grad_and_value_fn():
     np.testing.assert_allclose(losses[-1], residual[0] / len(x), rtol=1e-5)
 
 
+def test_integer_params_and_another_optimizers_state_are_named_at_trace_time():
+    # Both once failed deep inside JAX ("grad requires real- or complex-valued inputs") or optax
+    # ("'EmptyState' object has no attribute 'mu'") without saying which leaf or which state.
+    params, batch = _setup()
+    step = make_train_step(lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2), optax.adam(0.1))
+    with pytest.raises(
+        TypeError,
+        match=r"state\.opt_state is not this optimizer's state.*"
+        r"ScaleByAdamState.*TrainState\.create",
+    ):
+        step(TrainState.create(params, optax.sgd(0.1)), batch)
+    with_counter = {**params, "count": jnp.zeros((), jnp.int32)}
+    with pytest.raises(TypeError, match=r"params\['count'\] has dtype int32.*floating point"):
+        step(TrainState.create(with_counter, optax.adam(0.1)), batch)
+    # A state made by the same optimizer, but for other params, is refused too.
+    with pytest.raises(TypeError, match=r"not this optimizer's state for these params"):
+        other = TrainState.create({"v": params["w"]}, optax.adam(0.1))
+        step(other.replace(params=params), batch)
+
+
 def test_non_scalar_loss_is_a_clear_error_at_trace_time():
     params, batch = _setup()
     step = make_train_step(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, optax.sgd(0.1))
