@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import html
 import math
@@ -1703,10 +1704,11 @@ def diagnose(
 
     Raises:
       ValueError: if ``params`` is empty, the loss is not a scalar, ``activations`` names an
-        unknown activation, or ``batches`` is empty, given together with ``*batch``, or holds
-        batches that cannot be joined (another structure, other trailing shapes, or other
-        non-array arguments).
-      TypeError: if ``loss_fn`` is not callable or a parameter leaf is not floating point.
+        unknown activation or a layer the model does not have, or ``batches`` is empty, given
+        together with ``*batch``, or holds batches that cannot be joined (another structure,
+        other trailing shapes, or other non-array arguments).
+      TypeError: if ``loss_fn`` is not callable, returns a tuple without ``has_aux`` (or not
+        a pair with it), or a parameter leaf is not floating point.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1735,6 +1737,15 @@ def diagnose(
     params = jax.tree_util.tree_map(_strong_array, params)
     runner, arrays = _runner_for(loss_fn, params, batch, has_aux, flax_modules, overrides)
     base = runner.analyse(params, arrays)
+    known = {layer.name.split("#")[0] for layer in base.layers}
+    unknown = [layer for layer in overrides if layer not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"diagnose: activations names layer {unknown[0]!r}, which the model does not have"
+            f"{hint}; its layers are {sorted(known)}"
+        )
     reference = _reference_layer(base.layers)
     findings = _judge(base.layers, reference)
     recommendations = []
@@ -1887,6 +1898,15 @@ class _Runner:
         collector.trace_state = _trace_state()
         with _probe.collecting(collector), _flax_interception(self.flax_modules):
             out = self._loss_fn()(params, *self._batch(arrays))
+        if isinstance(out, tuple) and not self.has_aux:
+            raise TypeError(
+                f"loss_fn returned a tuple of {len(out)}; return a scalar, or pass has_aux=True "
+                "if it returns (loss, aux)"
+            )
+        if self.has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"with has_aux=True, loss_fn must return (loss, aux), got {type(out).__name__}"
+            )
         loss = out[0] if self.has_aux else out
         loss = jnp.asarray(loss)
         if loss.shape != ():

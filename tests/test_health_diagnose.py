@@ -462,6 +462,15 @@ def test_params_only_fallback_and_bad_input():
         diagnose(unmarked, params, X, activations={"dense_0": "rleu"})
     with pytest.raises(TypeError, match="loss_fn must be callable, got int"):
         diagnose(3, params, X)
+    # A misspelt layer name once turned off the activation analysis without a word.
+    with pytest.raises(
+        ValueError, match=r"activations names layer 'Dense_0'.*did you mean 'dense_0'"
+    ):
+        diagnose(unmarked, params, X, activations={"Dense_0": "relu"}, try_fixes=False)
+    with pytest.raises(TypeError, match=r"returned a tuple of 2.*has_aux=True"):
+        diagnose(lambda p, x: (unmarked(p, x), {}), params, X, try_fixes=False)
+    with pytest.raises(TypeError, match=r"with has_aux=True, loss_fn must return \(loss, aux\)"):
+        diagnose(unmarked, params, X, has_aux=True, try_fixes=False)
 
 
 def test_report_renders_as_text_dict_html_and_png(seed_report, tmp_path):
