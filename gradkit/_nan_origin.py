@@ -173,7 +173,8 @@ class NanOriginReport:
       events: the first few such equations, in evaluation order.
       cause: a short name for a recognised pattern (``"log_of_softmax"``, ``"log_of_sigmoid"``,
         ``"sqrt_at_zero"``, ``"unprotected_where"``, ``"log_of_zero"``, ``"division_by_zero"``,
-        ``"overflow"``, ``"invalid_operation"``) or ``None``.
+        ``"pole_at_zero"``, ``"overflow"``, ``"invalid_operation"``, ``"non_finite_input"``) or
+        ``None``.
       explanation: the cause and the fix in words.
       outputs: summaries of ``f``'s outputs.
       non_finite_inputs: the arguments already holding NaN or Inf, each as ``"args[i]...:
@@ -546,13 +547,17 @@ def _explain(events: list[NanEvent], nodes: list[_Node]) -> tuple[str | None, st
     if first.primitive in ("div", "rsqrt", "pow", "integer_pow") and any(
         _produced_by(n, "sqrt") and s.zero_count for n, s in zip(inputs, first.inputs, strict=False)
     ):
+        then = (
+            "the backward pass then multiplies it by 0, giving NaN"
+            if later_nan is not None or "NaN" in first.produced
+            else "the gradient is infinite there"
+        )
         return "sqrt_at_zero", (
             f"the derivative of sqrt at 0{where}: d sqrt(u) = du / (2 sqrt(u)) is 1/0 = inf "
-            "when u = 0 - typically a norm ||x|| = sqrt(sum(x**2)) of a zero vector - and the "
-            "backward pass then multiplies it by 0, giving NaN. The forward value is fine; only "
-            "the gradient is undefined. Use a norm with a chosen gradient at 0, e.g. "
-            "sqrt(where(u > 0, u, 1)) inside where(u > 0, ..., 0) (the double-where trick), or "
-            "add a small epsilon under the square root."
+            "when u = 0 (for a norm ||x|| = sqrt(sum(x**2)), a zero vector), and "
+            f"{then}. The forward value is fine; only the gradient is undefined. Give it a "
+            "chosen value at 0, e.g. sqrt(where(u > 0, u, 1)) inside where(u > 0, ..., 0) (the "
+            "double-where trick), or add a small epsilon under the square root."
         )
     if later_nan is not None and _masked_by_where(node):
         nan_where = f" at {later_nan.location}" if later_nan.location else ""
@@ -562,12 +567,24 @@ def _explain(events: list[NanEvent], nodes: list[_Node]) -> tuple[str | None, st
             f"discarded branch is still computed and multiplied by 0, giving NaN in the "
             f"{later_nan.phase} pass ({later_nan.primitive}{nan_where}). Use the double-where "
             "trick: make the input safe before the op, e.g. "
-            "where(x > 0, log(where(x > 0, x, 1.0)), 0.0)."
+            f"{_double_where_example(first.primitive)}."
         )
     if first.primitive == "log" and first.inputs and first.inputs[0].zero_count:
         return "log_of_zero", f"log of 0{where} gave -inf."
     if first.primitive in ("div", "rem") and any(s.zero_count for s in first.inputs[1:]):
         return "division_by_zero", f"division by 0{where} gave {first.produced}."
+    if (
+        first.primitive in ("pow", "integer_pow", "rsqrt")
+        and first.inputs
+        and first.inputs[0].zero_count
+        and "NaN" not in first.produced
+    ):
+        return "pole_at_zero", (
+            f"{first.primitive} of 0{where} gave {first.produced}: a negative power of 0 "
+            "(1/0), not an overflow. In a backward pass this is typically the derivative of "
+            "x**p with 0 < p < 1 (p * x**(p - 1)) at x = 0, e.g. abs(x)**0.5. Keep the input "
+            "away from 0 (x + eps, or the double-where trick) or choose the gradient there."
+        )
     if "NaN" not in first.produced:
         return "overflow", (
             f"{first.primitive}{where} overflowed to {first.produced} from finite inputs."
@@ -576,6 +593,19 @@ def _explain(events: list[NanEvent], nodes: list[_Node]) -> tuple[str | None, st
         f"{first.primitive}{where} produced NaN from finite inputs (an invalid operation such "
         "as 0/0, inf - inf, 0 * inf or sqrt/log of a negative number)."
     )
+
+
+def _double_where_example(primitive: str) -> str:
+    """The double-where fix written for the operation that produced the NaN/Inf."""
+    examples = {
+        "div": "where(x != 0, 1.0 / where(x != 0, x, 1.0), 0.0)",
+        "sqrt": "where(x > 0, sqrt(where(x > 0, x, 1.0)), 0.0)",
+        "rsqrt": "where(x > 0, rsqrt(where(x > 0, x, 1.0)), 0.0)",
+        "pow": "where(x > 0, where(x > 0, x, 1.0) ** p, 0.0)",
+        "integer_pow": "where(x != 0, where(x != 0, x, 1.0) ** p, 0.0)",
+        "exp": "where(x < 80, exp(where(x < 80, x, 0.0)), big)",
+    }
+    return examples.get(primitive, "where(x > 0, log(where(x > 0, x, 1.0)), 0.0)")
 
 
 def find_nan_origin(f: Callable[..., Any], *args: Any, **kwargs: Any) -> NanOriginReport:

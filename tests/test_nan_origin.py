@@ -252,3 +252,24 @@ def test_arguments_already_holding_nan_are_named_not_passed_over():
     clean = find_nan_origin(jax.grad(loss), {"w": jnp.zeros(2)}, (np.ones((4, 2)), np.ones(4)))
     assert clean.non_finite_inputs == () and clean.cause is None
     assert str(clean) == "find_nan_origin: no equation produced a NaN or an Inf."
+
+
+def test_explanations_fit_what_happened():
+    # The derivative of sqrt at 0 without a later multiplication by 0 is an Inf, not a NaN.
+    report = find_nan_origin(jax.grad(lambda p: jnp.sum(jnp.sqrt(p))), jnp.array([0.0, 1.0]))
+    assert report.cause == "sqrt_at_zero"
+    assert "the gradient is infinite there" in report.explanation
+    assert "giving NaN" not in report.explanation
+    report = find_nan_origin(jax.grad(jnp.linalg.norm), jnp.zeros(3))
+    assert "multiplies it by 0, giving NaN" in report.explanation
+    # 0 ** -0.5 in the backward pass of abs(x) ** 0.5 is a pole, not an overflow.
+    report = find_nan_origin(jax.grad(lambda x: jnp.sum(jnp.abs(x) ** 0.5)), jnp.array([0.0, 1.0]))
+    assert report.cause == "pole_at_zero"
+    assert "negative power of 0" in report.explanation
+    # The double-where example is written for the operation that needed protecting.
+    report = find_nan_origin(
+        jax.grad(lambda x: jnp.sum(jnp.where(x != 0, 1 / x, 0.0))), jnp.array([0.0, 1.0])
+    )
+    assert report.cause == "unprotected_where"
+    assert "where(x != 0, 1.0 / where(x != 0, x, 1.0), 0.0)" in report.explanation
+    assert "log(" not in report.explanation
