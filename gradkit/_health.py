@@ -1322,6 +1322,18 @@ class Recommendation:
         return dataclasses.asdict(self)
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"`` (JSON has no such numbers; ``json.dumps`` would write invalid JSON)."""
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 def _fmt(value: float | None, spec: str = ".2e") -> str:
     if value is None:
         return "-"
@@ -1427,17 +1439,21 @@ class HealthReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of everything in the report."""
-        return {
-            "loss": self.loss,
-            "ok": self.ok,
-            "reference_layer": self.reference_layer,
-            "thresholds": dict(self.thresholds),
-            "layers": [layer.to_dict() for layer in self.layers],
-            "findings": [dataclasses.asdict(f) for f in self.findings],
-            "recommendations": [r.to_dict() for r in self.recommendations],
-            "unobserved": list(self.unobserved),
-        }
+        """A JSON-serialisable dict of everything in the report (strict JSON: a NaN or
+        infinite number, such as the loss of a diverged model, is written as the string
+        ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, which ``float()`` reads back)."""
+        return _strict_json(
+            {
+                "loss": self.loss,
+                "ok": self.ok,
+                "reference_layer": self.reference_layer,
+                "thresholds": dict(self.thresholds),
+                "layers": [layer.to_dict() for layer in self.layers],
+                "findings": [dataclasses.asdict(f) for f in self.findings],
+                "recommendations": [r.to_dict() for r in self.recommendations],
+                "unobserved": list(self.unobserved),
+            }
+        )
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self._HEADER)

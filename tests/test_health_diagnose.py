@@ -6,6 +6,7 @@ so the only programs compiled are the ones diagnose compiles (once per model and
 
 import itertools
 import json
+import math
 
 import flax.linen as nn
 import jax
@@ -471,6 +472,22 @@ def test_params_only_fallback_and_bad_input():
         diagnose(lambda p, x: (unmarked(p, x), {}), params, X, try_fixes=False)
     with pytest.raises(TypeError, match=r"with has_aux=True, loss_fn must return \(loss, aux\)"):
         diagnose(unmarked, params, X, has_aux=True, try_fixes=False)
+
+
+def test_report_dict_is_strict_json_when_the_loss_is_nan():
+    params = _seed_params([1, 8, 1])
+    params["dense_0"]["kernel"] = np.array(params["dense_0"]["kernel"])
+    params["dense_0"]["kernel"][0, 0] = np.nan
+
+    def loss(p, x):
+        h = jax.nn.relu(x @ p["dense_0"]["kernel"] + p["dense_0"]["bias"])
+        return jnp.mean(jnp.square(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]))
+
+    report = diagnose(loss, params, X, try_fixes=False)
+    assert math.isnan(report.loss)
+    text = json.dumps(report.to_dict(), allow_nan=False)  # raised ValueError before
+    data = json.loads(text)
+    assert data["loss"] == "NaN" and math.isnan(float(data["loss"]))
 
 
 def test_report_renders_as_text_dict_html_and_png(seed_report, tmp_path):
