@@ -1940,11 +1940,12 @@ class _Runner:
             loss = self._loss(params, arrays, perturber)
             return loss, perturber.values
 
-        _, self.shapes = jax.eval_shape(traced, params, arrays)
+        closed, (_, self.shapes) = jax.make_jaxpr(traced, return_shape=True)(params, arrays)
         self.taps = list(perturber.taps)
         self.hooked = set(perturber.hooked)
         self.hidden = [name for name in perturber.hidden if name not in self.shapes]
         self.groups = _param_groups(params)
+        self.first_use = _first_use(closed.jaxpr, params)
         # Layers whose activation is applied through the boundary and has a surrogate: the
         # entry, the surrogate, and the entry with the surrogate's derivative.
         self.blendable = {}
@@ -2070,7 +2071,10 @@ class _Runner:
             if group not in used_groups:
                 base = group.split("/")[-1]
                 _, act_name = self._activation_name(base, None)
-                layers.append(LayerHealth(name=group, activation=act_name, param_paths=paths))
+                # Named like the boundaries (Flax module paths carry no "params/").
+                name = group.removeprefix("params/") if "/" in group else group
+                layer = LayerHealth(name=name, activation=act_name, param_paths=paths)
+                self._insert_in_forward_order(layers, layer)
         for layer in layers:
             if not layer.param_paths:
                 continue
@@ -2089,6 +2093,42 @@ class _Runner:
                 + int(group_stats.neginf_count)
             )
         return _Analysis(float(loss), layers)
+
+    def _insert_in_forward_order(self, layers: list[LayerHealth], layer: LayerHealth) -> None:
+        """Inserts a layer without a boundary (a parameter group no tap matched, such as a
+        Flax ``BatchNorm``) before the first layer whose parameters the forward pass uses later
+        than it uses this one's; at the end when that order is unknown."""
+
+        def first_use(candidate: LayerHealth) -> int | None:
+            uses = [self.first_use[p] for p in candidate.param_paths if p in self.first_use]
+            return min(uses) if uses else None
+
+        own = first_use(layer)
+        position = len(layers)
+        if own is not None:
+            for index, other in enumerate(layers):
+                other_use = first_use(other)
+                if other_use is not None and other_use > own:
+                    position = index
+                    break
+        layers.insert(position, layer)
+
+
+def _first_use(jaxpr: Any, params: PyTree) -> dict[str, int]:
+    """For each parameter path, the index of the first top-level equation of the traced
+    forward pass that reads it (the params are the jaxpr's first inputs, in tree order)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    position = {
+        id(var): _param_name(path)
+        for var, (path, _) in zip(jaxpr.invars[: len(leaves)], leaves, strict=True)
+    }
+    found: dict[str, int] = {}
+    for index, equation in enumerate(jaxpr.eqns):
+        for var in equation.invars:
+            name = position.get(id(var))
+            if name is not None and name not in found:
+                found[name] = index
+    return found
 
 
 def _nonfinite_norm(finite_norm: float, has_nan: bool, has_inf: bool) -> float:

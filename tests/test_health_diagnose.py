@@ -342,6 +342,9 @@ def test_flax_collections_other_than_params_are_not_judged():
     assert paths and all(path.startswith("params/") for path in paths)
     assert "params/BatchNorm_0/scale" in paths
     assert report.flagged("no gradient") == []
+    # BatchNorm has no boundary of its own; it is listed where the forward pass uses it (it
+    # was once appended after the last layer, so "where the problem starts" could skip it).
+    assert [layer.name for layer in report.layers] == ["Dense_0", "BatchNorm_0", "Dense_1"]
 
 
 class Block(nn.Module):
