@@ -1045,7 +1045,8 @@ def fit(
         that already holds checkpoints is refused rather than overwritten.
       mesh: a ``jax.sharding.Mesh`` for data parallelism.
       data_parallel: use a mesh over all ``jax.devices()`` (ignored when ``mesh`` is given).
-      seed: seed of the run's PRNG key (shuffling order).
+      seed: seed of the run's PRNG key (shuffling order). A resumed run keeps the key of its
+        checkpoint, and warns when ``seed`` would have given another.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux scalars join the metrics.
       clip_global_norm: clip gradients to this global norm (see :func:`make_train_step`).
       check_dtypes: refuse data whose float dtype differs from the params' (default True).
@@ -1127,7 +1128,16 @@ def fit(
                 "; pass resume=True to continue that run, or use an empty folder"
             )
         if newest is not None:
+            fresh_key = state.key
             state, extra, metadata = _checkpoint.restore(newest, state)
+            if not np.array_equal(jax.random.key_data(state.key), jax.random.key_data(fresh_key)):
+                warnings.warn(
+                    f"fit: the run in {checkpoint_dir} was started with another PRNG key than "
+                    f"seed={seed} gives; resuming continues it with its own key (its shuffling "
+                    "order), so it ends as that run would have. To train with this seed, use "
+                    "another checkpoint_dir",
+                    stacklevel=2,
+                )
             if "history_steps" in extra:  # a checkpoint written by fit (not bare save)
                 history = History.from_arrays(extra, metadata)
 

@@ -1,6 +1,7 @@
 """Tests for gradkit.training.fit: batching, resume, checkpoints, NaN stops, logging, plots."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -563,6 +564,21 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_differences(tmp_path)
             checkpoint_dir=tmp_path,
             progress=False,
         )
+
+
+def test_resuming_with_another_seed_warns_and_keeps_the_runs_key(tmp_path):
+    # The checkpoint's key wins (the run ends as it would have); a different seed= was once
+    # ignored without a word.
+    common = dict(batch_size=16, checkpoint_dir=tmp_path, progress=False)
+    fit(mlp_loss, PARAMS, (X, Y), optax.adam(1e-2), steps=3, seed=3, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(mlp_loss, PARAMS, (X, Y), optax.adam(1e-2), steps=4, seed=3, **common)
+    with pytest.warns(UserWarning, match=r"another PRNG key than seed=4 gives.*its own key"):
+        state, _ = fit(mlp_loss, PARAMS, (X, Y), optax.adam(1e-2), steps=5, seed=4, **common)
+    np.testing.assert_array_equal(
+        jax.random.key_data(state.key), jax.random.key_data(jax.random.key(3))
+    )
 
 
 def test_resume_false_refuses_a_folder_with_checkpoints(tmp_path):
