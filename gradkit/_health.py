@@ -1074,8 +1074,9 @@ def log_health(writer: Any, stats: PyTree, step: int, *, prefix: str = "health")
     ``{prefix}/{path}/{statistic}`` for every :class:`LeafStats` field that is present, and the
     histogram ``{prefix}/{path}/log2_magnitude`` of :math:`\\log_2|g|` (bucket upper limits are
     the bin exponents). For each layer (the parent path) it writes ``{prefix}/{layer}/grad_norm``,
-    the norm of all its leaves together. Runs on the host; call it every few steps, not inside
-    ``jit``.
+    the norm of all its leaves together. ``update_ratio`` is left out for a leaf whose
+    parameters are all 0 (a bias at initialisation), where it is undefined. Runs on the host;
+    call it every few steps, not inside ``jit``.
 
     Args:
       writer: a ``tensorboardX.SummaryWriter`` (anything with ``add_scalar`` and
@@ -1091,8 +1092,13 @@ def log_health(writer: Any, stats: PyTree, step: int, *, prefix: str = "health")
     for path, leaf in by_path.items():
         for field in _SCALAR_FIELDS:
             value = getattr(leaf, field)
-            if value is not None:
-                writer.add_scalar(f"{prefix}/{path}/{field}", float(value), step)
+            if value is None:
+                continue
+            if field == "update_ratio" and float(leaf.param_norm) == 0:
+                # Undefined for a leaf of zeros (a bias at initialisation): not written, where
+                # inf would stretch the chart's axis (and make tensorboardX print a warning).
+                continue
+            writer.add_scalar(f"{prefix}/{path}/{field}", float(value), step)
         if leaf.log2_histogram is None:
             continue
         counts = np.asarray(leaf.log2_histogram, dtype=np.int64)

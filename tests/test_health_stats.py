@@ -329,6 +329,22 @@ def test_log_health_writes_scalars_and_histograms_that_read_back(tmp_path):
     )
 
 
+def test_log_health_leaves_out_the_undefined_update_ratio_of_zero_params(tmp_path):
+    tensorboardx = pytest.importorskip("tensorboardX")
+    from gradkit import _tensorboard
+
+    params = {"bias": jnp.zeros(3), "kernel": jnp.ones((2, 3))}
+    updates = {"bias": jnp.full(3, 0.1), "kernel": jnp.full((2, 3), 0.1)}
+    stats = gradient_stats(updates, params, updates)
+    assert math.isinf(float(stats["bias"].update_ratio))  # the statistic itself stays as it is
+    writer = tensorboardx.SummaryWriter(str(tmp_path))
+    log_health(writer, stats, 0)
+    writer.close()
+    scalars = _tensorboard.read_scalars(tmp_path)
+    assert "health/bias/update_ratio" not in scalars and "health/bias/update_norm" in scalars
+    assert scalars["health/kernel/update_ratio"][0][1] == pytest.approx(0.1)
+
+
 def test_log_health_rejects_other_pytrees():
     with pytest.raises(TypeError, match=r"stats\['w'\] is ArrayImpl, not LeafStats"):
         log_health(object(), {"w": jnp.ones(2)}, 0)
