@@ -472,6 +472,15 @@ class _Problem:
             self.out_paths.append(name)
             self.out_shapes.append(leaf.shape)
             self.out_sizes.append(int(np.prod(leaf.shape, dtype=np.int64)))
+        if self.out_paths and sum(self.out_sizes) == 0:
+            shapes = ", ".join(
+                f"{p} {tuple(shape)}"
+                for p, shape in zip(self.out_paths, self.out_shapes, strict=True)
+            )
+            raise ValueError(
+                f"check_grads: {self.name} has no output entries to differentiate: its "
+                f"floating-point outputs are empty ({shapes})"
+            )
         if not self.out_paths:
             kinds = ", ".join(ignored) or "no outputs"
             raise TypeError(
@@ -1550,8 +1559,9 @@ def check_grads(
     Raises:
       TypeError: ``f`` is not callable, cannot be traced by JAX, has complex inputs/outputs, or
         has no floating-point output.
-      ValueError: bad ``argnums``/``modes``/``method``/``order``/``probes``, an input with
-        NaN/Inf, no floating-point input selected, or ``f`` is NaN/Inf at ``args``.
+      ValueError: bad ``argnums``/``modes``/``method``/``order``/``probes``, a negative or
+        non-finite ``rtol``/``atol``, an input with NaN/Inf, no floating-point input selected,
+        ``f`` is NaN/Inf at ``args``, or its floating-point outputs are all empty.
 
     Example:
       >>> import jax.numpy as jnp
@@ -1569,6 +1579,17 @@ def check_grads(
         raise ValueError(f"check_grads: order must be 1 or 2, got {order!r}")
     if not isinstance(probes, (int, np.integer)) or probes < 1:
         raise ValueError(f"check_grads: probes must be a positive integer, got {probes!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
+            raise ValueError(
+                f"check_grads: {name} must be a non-negative finite number (or None for the "
+                f"default), got {value!r}"
+            )
     problem = _Problem(f, args, argnums)
     use_float64 = float64_reference and fd.float64_available()
     reference_dtype = np.dtype(np.float64) if use_float64 else problem.dtype

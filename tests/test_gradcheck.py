@@ -325,6 +325,15 @@ def test_bad_input_errors_name_the_problem():
         check_grads("sin", x)
     with pytest.raises(TypeError, match="complex"):
         check_grads(jnp.sin, x + 1j)
+    # A negative rtol once produced a report with a negative "allowed" column; an empty output
+    # a NumPy reshape error.
+    with pytest.raises(ValueError, match=r"rtol must be a non-negative finite number.*-1\.0"):
+        check_grads(jnp.sin, x, rtol=-1.0)
+    with pytest.raises(ValueError, match=r"atol must be a non-negative finite number.*nan"):
+        check_grads(jnp.sin, x, atol=float("nan"))
+    for method in ("directional", "full"):
+        with pytest.raises(ValueError, match=r"no output entries.*empty \(output \(0,\)\)"):
+            check_grads(lambda x: x[:0], x, method=method)
 
 
 # ---- the finite-difference estimates themselves
