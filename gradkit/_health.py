@@ -1149,7 +1149,8 @@ VANISHING_ABSOLUTE = 1e-4
 #: See :data:`VANISHING_ABSOLUTE`.
 VANISHING_RATIO = 1e-3
 #: A layer's gradient is *exploding* when its norm exceeds this multiple of the last layer's
-#: (AUTOTRAINER beta_3 = 70) ...
+#: (AUTOTRAINER beta_3 = 70) and is not itself small (at least :data:`VANISHING_ABSOLUTE`:
+#: 1e-6 is not exploding because the last layer's is 1e-15) ...
 EXPLODING_RATIO = 70.0
 #: ... or this absolute value (DLCheck/TFCheck: ||g|| > 1e6).
 EXPLODING_ABSOLUTE = 1e6
@@ -2198,7 +2199,9 @@ def _judge(layers: list[LayerHealth], reference: str | None) -> list[Finding]:
             ratio = norm / ref_norm
             if norm < VANISHING_ABSOLUTE and ratio < VANISHING_RATIO:
                 la.symptoms.append("vanishing")
-            elif ratio > EXPLODING_RATIO or norm > EXPLODING_ABSOLUTE:
+            elif (ratio > EXPLODING_RATIO and norm >= VANISHING_ABSOLUTE) or (
+                norm > EXPLODING_ABSOLUTE
+            ):
                 la.symptoms.append("exploding")
         elif norm is not None and norm > EXPLODING_ABSOLUTE:
             la.symptoms.append("exploding")
@@ -2239,7 +2242,8 @@ def _finding(symptom, names, layers, reference, ref_norm) -> Finding:
             )
         else:
             message += (
-                f" - above {EXPLODING_RATIO:g}x the last layer or {EXPLODING_ABSOLUTE:g}. Likely "
+                f" - above {EXPLODING_RATIO:g}x the last layer (and at least "
+                f"{VANISHING_ABSOLUTE:g}) or above {EXPLODING_ABSOLUTE:g}. Likely "
                 "cause: weights too large for the depth, or a too-large learning rate."
             )
         return Finding(symptom, names, starts, message)

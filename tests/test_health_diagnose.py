@@ -594,6 +594,25 @@ def test_fixes_are_ranked_by_how_far_they_move_the_gradient_the_right_way(sympto
     assert scores["helpful"] > 0 > scores["harmful"]
 
 
+def test_a_small_gradient_is_not_exploding_next_to_a_tinier_last_layer():
+    # Flax in train mode with N(0, 1e-3) weights: the last layer's gradient 3e-15, the others
+    # 1e-13 to 1e-6. Relative to the last layer they were all "exploding".
+    layers = [
+        _health.LayerHealth("dense_0", grad_norm=1e-6),
+        _health.LayerHealth("dense_1", grad_norm=1e-13),
+        _health.LayerHealth("dense_2", grad_norm=3e-15),
+    ]
+    assert _health._judge(layers, "dense_2") == []
+    # Large relative to the last layer and not small itself: still exploding.
+    layers = [
+        _health.LayerHealth("dense_0", grad_norm=2e-4),
+        _health.LayerHealth("dense_1", grad_norm=1e-6),
+        _health.LayerHealth("dense_2", grad_norm=1e-6),
+    ]
+    findings = _health._judge(layers, "dense_2")
+    assert [(f.symptom, f.layers) for f in findings] == [("exploding", ["dense_0"])]
+
+
 def test_the_clipping_counterfactual_scales_layers_without_parameters_too():
     # dense_0 explodes; "act" has no parameters and is judged by its cotangent. Clipping scales
     # every norm by the same factor, so it must not make "act" look exploding next to the rest.
