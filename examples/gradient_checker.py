@@ -136,7 +136,10 @@ def main(argv=None) -> int:
     print("1. Feed-forward softmax regression, float32, checked against float64 differences")
     ff = check_grads(feedforward_loss, params, xs, ys, argnums=0)
     print(ff)
-    grads_ff = jax.grad(feedforward_loss)(params, xs, ys)
+    # The gradients compared with one another below multiply float32 matrices: at full float32
+    # precision, not the TF32 that JAX uses by default on recent NVIDIA GPUs (1e-3 relative).
+    with jax.default_matmul_precision("highest"):
+        grads_ff = jax.grad(feedforward_loss)(params, xs, ys)
     print(f"   autodiff dL/db = {np.asarray(grads_ff['b'])}")
     question = question_forward_difference(feedforward_loss, params, xs, ys)
     largest = max(float(np.max(np.abs(grads_ff[k]))) for k in ("W", "b"))
@@ -179,8 +182,9 @@ def main(argv=None) -> int:
         locate=True,
     )
     print(theano)
-    full_grads = jax.grad(recurrent_loss)(params, xs, ys, recurrent.Full())
-    tail_grads = jax.grad(recurrent_loss)(params, xs, ys, recurrent.TheanoTail(1))
+    with jax.default_matmul_precision("highest"):
+        full_grads = jax.grad(recurrent_loss)(params, xs, ys, recurrent.Full())
+        tail_grads = jax.grad(recurrent_loss)(params, xs, ys, recurrent.TheanoTail(1))
     same_as_ff = all(
         np.allclose(full_grads[k], grads_ff[k], rtol=1e-5, atol=1e-7) for k in ("W", "b")
     )

@@ -202,6 +202,11 @@ class GradCheckReport:
       skipped: inputs left alone (integer and boolean leaves, arguments outside ``argnums``)
         and modes that could not run, with the reason.
       location: the :class:`~gradkit._locate.GradientLocation` found by ``locate=True``.
+      matmul_precision: the default precision of float32 matrix products and convolutions
+        during the check (``"highest"`` unless ``check_grads`` was told otherwise; ``None``:
+        the platform's own default).
+      reduced_matmuls: whether float32 matrix products may have run at reduced precision
+        (``matmul_precision`` left to the default of a GPU or TPU, which is TF32 or bfloat16).
     """
 
     verdict: str
@@ -214,6 +219,8 @@ class GradCheckReport:
     reference_dtype: str
     skipped: list[str] = dataclasses.field(default_factory=list)
     location: Any = None
+    matmul_precision: str | None = "highest"
+    reduced_matmuls: bool = False
 
     @property
     def ok(self) -> bool:
@@ -251,6 +258,8 @@ class GradCheckReport:
             "cost": self.cost.to_dict(),
             "skipped": list(self.skipped),
             "location": None if self.location is None else self.location.to_dict(),
+            "matmul_precision": self.matmul_precision,
+            "reduced_matmuls": self.reduced_matmuls,
         }
 
     def __str__(self) -> str:
@@ -289,6 +298,8 @@ class GradCheckReport:
                 )
         for item in self.skipped:
             lines.append(f"  not checked: {item}")
+        if self.reduced_matmuls:
+            lines.append(f"  note: {REDUCED_MATMUL_NOTE}")
         if self.location is not None:
             lines.append("  " + str(self.location).replace("\n", "\n  "))
         lines.append(f"  cost: {self.cost}")
@@ -1481,6 +1492,44 @@ def _derived_problems(
 
 
 # --------------------------------------------------------------------------------------------
+# Matmul precision
+
+REDUCED_MATMUL_NOTE = (
+    "float32 matrix products ran at this platform's default precision (TF32 on recent NVIDIA "
+    "GPUs, bfloat16 passes on TPUs), which rounds their factors to 10 or 8 bits: errors of "
+    "about 1e-3 relative can fail a correct gradient. The default matmul_precision='highest' "
+    "checks the derivative rules alone"
+)
+
+
+def _matmul_context(matmul_precision: str | None):
+    """``jax.default_matmul_precision(matmul_precision)``, or nothing for None; a value JAX
+    does not know is a ValueError naming the argument."""
+    if matmul_precision is None:
+        return _null_context()
+    try:
+        context = jax.default_matmul_precision(matmul_precision)
+        with context:  # JAX checks the value on entry
+            pass
+    except ValueError as error:
+        raise ValueError(
+            f"check_grads: unknown matmul_precision {matmul_precision!r}: {error}"
+        ) from None
+    return jax.default_matmul_precision(matmul_precision)
+
+
+def _reduced_matmul_default(dtype: str) -> bool:
+    """Whether float32-or-narrower matrix products run at reduced precision by default here:
+    on a GPU or TPU with no global ``jax_default_matmul_precision`` set."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        return False
+    setting = jax.config.jax_default_matmul_precision
+    if setting is not None and str(setting) not in ("default", "high", "bfloat16", "tensorfloat32"):
+        return False
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -1497,6 +1546,7 @@ def check_grads(
     atol: float | None = None,
     float64_reference: bool = True,
     locate: bool = False,
+    matmul_precision: str | None = "highest",
 ) -> GradCheckReport:
     r"""Checks the derivatives of ``f`` at ``args`` against finite differences.
 
@@ -1534,6 +1584,15 @@ def check_grads(
     in the dtype of ``f`` with a larger step; the error bar then widens and more comparisons may
     come out ``"inconclusive"``, but the rules above stay the same.
 
+    Float32 matrix products and convolutions run at full float32 precision during the check
+    (``matmul_precision="highest"``). JAX's default on recent NVIDIA GPUs is TF32 (and bfloat16
+    passes on TPUs), which rounds the factors to 10 (or 8) bits: gradients then differ from
+    the exact ones by about 1e-3 relative, enough to fail a correct float32 MLP, so a check of
+    derivative rules turns it off. A precision passed to an operation itself
+    (``jnp.dot(..., precision=...)``) still wins. ``matmul_precision=None`` checks the program
+    at the platform's default, as it runs in training; the report then carries a note where
+    that default is reduced.
+
     Args:
       f: a pure JAX function of pytrees (dicts, tuples, registered dataclasses) returning a
         pytree; integer and boolean leaves of the inputs are left alone (the report lists them),
@@ -1552,6 +1611,10 @@ def check_grads(
       float64_reference: compute the finite differences in float64 when possible.
       locate: on failure, run :func:`gradkit._locate.locate_gradient_error` and attach its
         result as ``report.location``.
+      matmul_precision: the default precision of float32 matrix products and convolutions
+        while ``f`` and its derivatives run (any value of :func:`jax.default_matmul_precision`,
+        such as ``"highest"``, ``"tensorfloat32"``, ``"bfloat16"``), or ``None`` for the
+        platform's default.
 
     Returns:
       A :class:`GradCheckReport`.
@@ -1560,7 +1623,7 @@ def check_grads(
       TypeError: ``f`` is not callable, cannot be traced by JAX, has complex inputs/outputs, or
         has no floating-point output.
       ValueError: bad ``argnums``/``modes``/``method``/``order``/``probes``, a negative or
-        non-finite ``rtol``/``atol``, an input with NaN/Inf, no floating-point input selected,
+        non-finite ``rtol``/``atol``, an unknown ``matmul_precision``, an input with NaN/Inf, no floating-point input selected,
         ``f`` is NaN/Inf at ``args``, or its floating-point outputs are all empty.
 
     Example:
@@ -1590,67 +1653,71 @@ def check_grads(
                 f"check_grads: {name} must be a non-negative finite number (or None for the "
                 f"default), got {value!r}"
             )
-    problem = _Problem(f, args, argnums)
-    use_float64 = float64_reference and fd.float64_available()
-    reference_dtype = np.dtype(np.float64) if use_float64 else problem.dtype
-    options = _Options(
-        modes=modes,
-        method=method,
-        probes=int(probes),
-        seed=int(seed),
-        rtol=default_rtol(problem.dtype) if rtol is None else float(rtol),
-        atol=10 * fd.machine_epsilon(problem.dtype) if atol is None else float(atol),
-        use_float64=use_float64,
-        reference_dtype=reference_dtype,
-        num_steps=fd.DEFAULT_NUM_STEPS,
-    )
-    cost = GradCheckCost()
-    rows: list[GradCheckRow] = []
-    candidates = []
-    checked = [(1, "", problem)]
-    if order == 2:
-        checked += [(2, label, sub) for label, sub in _derived_problems(problem, seed, modes)]
-    failing_problem = None
-    for check_order, prefix, prob in checked:
-        checker = _Checker(prob, options, check_order, prefix)
-        if method == "full":
-            checker.run_full()
-        else:
-            checker.run_directional()
-        rows += checker.rows
-        candidates += checker.candidates
-        cost.add(checker.cost)
-        if failing_problem is None and any(r.verdict == "fail" for r in checker.rows):
-            failing_problem = prob
-        if prob is not problem:
-            problem.skipped += [s for s in prob.skipped if "mode at order" in s]
-    verdicts = {row.verdict for row in rows}
-    verdict = (
-        "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
-    )
-    worst = max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
-    report = GradCheckReport(
-        verdict=verdict,
-        rows=rows,
-        worst=worst,
-        cost=cost,
-        function=problem.name,
-        method=method,
-        dtype=str(problem.dtype),
-        reference_dtype=str(reference_dtype),
-        skipped=list(dict.fromkeys(problem.skipped)),
-    )
-    if locate and verdict == "fail" and failing_problem is not None:
-        from gradkit._locate import locate_gradient_error
+    context = _matmul_context(matmul_precision)
+    with context:
+        problem = _Problem(f, args, argnums)
+        use_float64 = float64_reference and fd.float64_available()
+        reference_dtype = np.dtype(np.float64) if use_float64 else problem.dtype
+        options = _Options(
+            modes=modes,
+            method=method,
+            probes=int(probes),
+            seed=int(seed),
+            rtol=default_rtol(problem.dtype) if rtol is None else float(rtol),
+            atol=10 * fd.machine_epsilon(problem.dtype) if atol is None else float(atol),
+            use_float64=use_float64,
+            reference_dtype=reference_dtype,
+            num_steps=fd.DEFAULT_NUM_STEPS,
+        )
+        cost = GradCheckCost()
+        rows: list[GradCheckRow] = []
+        candidates = []
+        checked = [(1, "", problem)]
+        if order == 2:
+            checked += [(2, label, sub) for label, sub in _derived_problems(problem, seed, modes)]
+        failing_problem = None
+        for check_order, prefix, prob in checked:
+            checker = _Checker(prob, options, check_order, prefix)
+            if method == "full":
+                checker.run_full()
+            else:
+                checker.run_directional()
+            rows += checker.rows
+            candidates += checker.candidates
+            cost.add(checker.cost)
+            if failing_problem is None and any(r.verdict == "fail" for r in checker.rows):
+                failing_problem = prob
+            if prob is not problem:
+                problem.skipped += [s for s in prob.skipped if "mode at order" in s]
+        verdicts = {row.verdict for row in rows}
+        verdict = (
+            "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
+        )
+        worst = max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+        report = GradCheckReport(
+            verdict=verdict,
+            rows=rows,
+            worst=worst,
+            cost=cost,
+            function=problem.name,
+            method=method,
+            dtype=str(problem.dtype),
+            reference_dtype=str(reference_dtype),
+            skipped=list(dict.fromkeys(problem.skipped)),
+        )
+        if locate and verdict == "fail" and failing_problem is not None:
+            from gradkit._locate import locate_gradient_error
 
-        if failing_problem is problem:
-            report.location = locate_gradient_error(
-                problem.f, *problem.args, argnums=problem.argnums, seed=seed
-            )
-        else:
-            report.location = locate_gradient_error(
-                failing_problem.f, *failing_problem.args, seed=seed
-            )
+            if failing_problem is problem:
+                report.location = locate_gradient_error(
+                    problem.f, *problem.args, argnums=problem.argnums, seed=seed
+                )
+            else:
+                report.location = locate_gradient_error(
+                    failing_problem.f, *failing_problem.args, seed=seed
+                )
+    report.matmul_precision = matmul_precision
+    report.reduced_matmuls = matmul_precision is None and _reduced_matmul_default(report.dtype)
     return report
 
 

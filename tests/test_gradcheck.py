@@ -550,3 +550,80 @@ def test_relu_mlp_near_kinks_does_not_fail_in_float64():
         x = jnp.asarray(rng.standard_normal((32, 20)))
         report = check_grads(mlp, p, x, argnums=0)
     assert report.verdict in ("pass", "inconclusive"), str(report)
+
+
+# -- matmul precision -------------------------------------------------------------------------
+# On recent NVIDIA GPUs JAX multiplies float32 matrices in TF32 by default (10-bit factors):
+# a correct float32 MLP then fails a check by ~1e-3 relative. check_grads runs at "highest"
+# unless told otherwise. CPUs ignore the setting, so these tests watch the setting itself.
+
+
+def _precision_seen(**options):
+    seen = []
+
+    def f(w, x):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return jnp.sum(jnp.tanh(x @ w))
+
+    w = jnp.ones((3, 2)) / 3
+    x = jnp.arange(6.0).reshape(2, 3) / 6
+    report = check_grads(f, w, x, argnums=0, **options)
+    assert report.verdict == "pass", str(report)
+    return set(seen), report
+
+
+def test_derivatives_are_checked_with_full_precision_matmuls_by_default():
+    seen, report = _precision_seen()
+    assert seen == {"highest"}
+    assert report.matmul_precision == "highest"
+    assert report.to_dict()["matmul_precision"] == "highest"
+    assert not report.reduced_matmuls
+
+
+def test_matmul_precision_is_passed_on_and_none_keeps_the_global_setting():
+    seen, report = _precision_seen(matmul_precision="tensorfloat32")
+    assert seen == {"tensorfloat32"}
+    before = jax.config.jax_default_matmul_precision
+    with jax.default_matmul_precision("float32"):
+        seen, report = _precision_seen(matmul_precision=None)
+    assert seen == {"float32"}
+    assert report.matmul_precision is None
+    # The global setting is back as it was after the check.
+    assert jax.config.jax_default_matmul_precision == before
+
+
+def test_highest_precision_reaches_the_compiled_dot():
+    f = jax.jit(lambda w: jnp.sum(jnp.tanh(w @ w)))
+    seen_text = []
+
+    def g(w):
+        seen_text.append(f.lower(w).as_text())
+        return f(w)
+
+    check_grads(g, jnp.eye(3) / 2)
+    assert seen_text and all("HIGHEST" in text for text in seen_text)
+
+
+def test_unknown_matmul_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="matmul_precision 'fast'"):
+        check_grads(jnp.sin, jnp.ones(3), matmul_precision="fast")
+
+
+def test_reduced_default_is_noted_where_the_platform_rounds_float32_matmuls(monkeypatch):
+    from gradkit import _gradcheck
+
+    # Where the platform's default is reduced (a GPU or a TPU), the note says so.
+    monkeypatch.setattr(_gradcheck.jax, "default_backend", lambda: "gpu")
+    with jax.default_matmul_precision(None):
+        assert _gradcheck._reduced_matmul_default("float32")
+        assert not _gradcheck._reduced_matmul_default("float64")
+    with jax.default_matmul_precision("highest"):
+        assert not _gradcheck._reduced_matmul_default("float32")
+    monkeypatch.undo()
+    if jax.default_backend() == "cpu":
+        assert not _gradcheck._reduced_matmul_default("float32")
+    monkeypatch.setattr(_gradcheck, "_reduced_matmul_default", lambda dtype: dtype == "float32")
+    _, report = _precision_seen(matmul_precision=None)
+    assert report.reduced_matmuls and "TF32" in str(report)
+    _, report = _precision_seen()
+    assert not report.reduced_matmuls and "TF32" not in str(report)

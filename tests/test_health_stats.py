@@ -79,9 +79,11 @@ def test_nonfinite_entries_are_counted_never_dropped():
 
 
 def test_norm_does_not_underflow_for_tiny_float32_gradients():
-    # Gradients of about 1e-20 (a 10-layer ReLU net with N(0, 1e-3) init): the squares underflow.
+    # Gradients of about 1e-20 (a 10-layer ReLU net with N(0, 1e-3) init): the squares are
+    # subnormal, which XLA:CPU flushes to zero (GPUs keep a few of their bits).
     g = np.random.default_rng(1).normal(size=(784, 32)).astype(np.float32) * np.float32(1e-20)
-    assert float(jnp.linalg.norm(jnp.asarray(g))) == 0.0
+    if jax.default_backend() == "cpu":
+        assert float(jnp.linalg.norm(jnp.asarray(g))) == 0.0
     stats = _stats_jit({"w": g})["w"]
     _check_against_reference(stats, g, rtol=1e-5)
     assert float(stats.norm) > 1e-19
