@@ -1623,8 +1623,9 @@ def check_grads(
       TypeError: ``f`` is not callable, cannot be traced by JAX, has complex inputs/outputs, or
         has no floating-point output.
       ValueError: bad ``argnums``/``modes``/``method``/``order``/``probes``, a negative or
-        non-finite ``rtol``/``atol``, an unknown ``matmul_precision``, an input with NaN/Inf, no floating-point input selected,
-        ``f`` is NaN/Inf at ``args``, or its floating-point outputs are all empty.
+        non-finite ``rtol``/``atol``, an unknown ``matmul_precision``, an input with NaN/Inf,
+        no floating-point input selected, ``f`` is NaN/Inf at ``args``, or its floating-point
+        outputs are all empty.
 
     Example:
       >>> import jax.numpy as jnp
@@ -1690,9 +1691,9 @@ def check_grads(
             if prob is not problem:
                 problem.skipped += [s for s in prob.skipped if "mode at order" in s]
         verdicts = {row.verdict for row in rows}
-        verdict = (
-            "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
-        )
+        verdict = "fail" if "fail" in verdicts else "pass"
+        if verdict == "pass" and "inconclusive" in verdicts:
+            verdict = "inconclusive"
         worst = max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
         report = GradCheckReport(
             verdict=verdict,

@@ -265,8 +265,55 @@ def test_fit_runs_ahead_of_the_host_by_at_most_max_steps_in_flight():
     assert len(ahead) == 20
     # the device gets later steps while the host handles earlier ones, but no more than the
     # bound (each unhandled step keeps a state alive)
-    assert 1 <= max(ahead) <= training._MAX_STEPS_IN_FLIGHT
+    assert 1 <= max(ahead) <= _depth()
     assert min(ahead) >= 0
+
+
+def _depth() -> int:
+    """How many steps fit keeps in flight here for a small model."""
+    return training._queue_depth(jax.devices()[0].platform, 0)[0]
+
+
+def test_the_queue_is_deeper_on_an_accelerator_unless_the_states_are_large():
+    assert training._queue_depth("cpu", 1000) == (4, 2)
+    assert training._queue_depth("cpu", 1) == (4, 2)
+    assert training._queue_depth("gpu", 10_000) == (16, 8)
+    assert training._queue_depth("gpu", 32 * 2**20) == (8, 4)  # 8 states of 32 MiB = 256 MiB
+    assert training._queue_depth("gpu", 2**30) == (4, 2)  # a large model keeps the CPU's depth
+    assert training._queue_depth("tpu", 0) == (16, 8)
+
+
+def test_the_accelerator_settings_on_the_cpu_give_the_same_run(monkeypatch):
+    # A deep queue, copies to the host started ahead, the window derived on the device: what a
+    # GPU runs, here on the CPU, gives the CPU's run.
+    host, host_history = _run(health_every=4)
+    monkeypatch.setattr(training, "_COPY_AHEAD", True)
+    monkeypatch.setattr(training, "_WINDOW_ON_DEVICE", True)
+    monkeypatch.setattr(training, "_MAX_STEPS_IN_FLIGHT", 16)
+    monkeypatch.setattr(training, "_STEPS_PER_READ", 8)
+    device, device_history = _run(health_every=4)
+    assert _leaves_equal(device.params, host.params)
+    np.testing.assert_array_equal(device_history["loss"], host_history["loss"])
+    np.testing.assert_array_equal(device_history.steps, host_history.steps)
+
+
+@pytest.mark.parametrize("health_every", [None, 3])
+def test_the_window_derived_on_the_device_gives_the_same_run_bit_for_bit(
+    tmp_path, monkeypatch, health_every
+):
+    # What an accelerator runs (the step computes its batch window from state.step) against
+    # what the CPU runs (the host passes it): the same batches, so the same run, also across
+    # epochs (2 batches each) and when resumed from a checkpoint in the middle of an epoch.
+    kwargs = {"health_every": health_every}
+    monkeypatch.setattr(training, "_WINDOW_ON_DEVICE", False)
+    host, host_history = _run(**kwargs)
+    monkeypatch.setattr(training, "_WINDOW_ON_DEVICE", True)
+    device, device_history = _run(**kwargs)
+    assert _leaves_equal(device.params, host.params)
+    np.testing.assert_array_equal(device_history["loss"], host_history["loss"])
+    _run(tmp_path, steps=5, checkpoint_every=5, **kwargs)
+    resumed, _ = _run(tmp_path, checkpoint_every=5, **kwargs)
+    assert _leaves_equal(resumed.params, host.params)
 
 
 def test_progress_bar_shows_steps_loss_and_rate(capsys):
@@ -394,7 +441,7 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(
     steps = [step for step, _ in _checkpoint.list_checkpoints(tmp_path)]
     # the interrupt wrote a final checkpoint of the newest finished step (the steps already
     # launched when the callback ran at step 7 are finished and kept, none is half-written)
-    assert 7 <= steps[-1] <= 7 + training._MAX_STEPS_IN_FLIGHT, steps
+    assert 7 <= steps[-1] <= 7 + _depth(), steps
 
     resumed, history = _run(tmp_path, checkpoint_every=3)
     assert int(resumed.step) == 20
