@@ -53,6 +53,17 @@ def _leaves_equal(a, b):
     )
 
 
+def _same_as_manual(a, b):
+    """fit's states against a hand-written loop's: bit for bit on the CPU; on a GPU two
+    separately compiled programs of the same maths may round differently (seen: 1 ulp)."""
+    if jax.default_backend() == "cpu":
+        return _leaves_equal(a, b)
+    return all(
+        np.allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
 def test_fit_shuffles_per_epoch_with_the_key_and_matches_a_manual_loop():
     optimizer = optax.sgd(0.05)
     batch_size, epochs, seed = 16, 3, 7
@@ -112,7 +123,7 @@ def test_fit_on_an_iterable_of_batches_uses_them_in_order():
     for batch in batches * 2:
         manual, _ = step(manual, batch)
     assert len(history) == 8
-    assert _leaves_equal(state.params, manual.params)
+    assert _same_as_manual(state.params, manual.params)
 
     generator = (batch for batch in batches)  # one-shot: stops when exhausted
     with pytest.warns(UserWarning, match=r"data ran out after 4 batches; stopping at step 4 of"):
@@ -129,7 +140,7 @@ def test_fit_full_batch_in_order_with_shuffle_off():
     manual = TrainState.create(LINEAR, optimizer)
     for _ in range(5):
         manual, _ = step(manual, (X, Y))
-    assert _leaves_equal(state.params, manual.params)
+    assert _same_as_manual(state.params, manual.params)
 
 
 def test_fit_compiles_the_step_once():
@@ -196,7 +207,7 @@ def test_callbacks_and_evals_see_each_step_with_its_state_and_a_stop_returns_tha
 
     def callback(step, state, metrics):
         seen.append(step)
-        assert _leaves_equal(state.params, expected[step].params)
+        assert _same_as_manual(state.params, expected[step].params)
         assert int(state.step) == step
         np.testing.assert_allclose(
             metrics["eval_eval"], linear_loss(expected[step].params, (X, Y)), rtol=1e-6
@@ -215,7 +226,7 @@ def test_callbacks_and_evals_see_each_step_with_its_state_and_a_stop_returns_tha
         progress=False,
     )
     assert seen == list(range(1, stop_at + 1))
-    assert int(state.step) == stop_at and _leaves_equal(state.params, expected[stop_at].params)
+    assert int(state.step) == stop_at and _same_as_manual(state.params, expected[stop_at].params)
     np.testing.assert_array_equal(
         jax.random.key_data(state.key), jax.random.key_data(jax.random.key(0))
     )
@@ -691,7 +702,7 @@ def test_a_nan_at_any_step_stops_there_with_the_state_and_batch_before_it(bad_st
     error = info.value
     assert error.step == bad_step
     assert int(error.state.step) == bad_step - 1
-    assert _leaves_equal(error.state.params, expected[-1].params)
+    assert _same_as_manual(error.state.params, expected[-1].params)
     assert error.batch is batches[bad_step - 1]
     # the steps launched after the bad one are neither recorded nor shown to callbacks
     np.testing.assert_array_equal(error.history.steps, np.arange(1, bad_step))
