@@ -295,10 +295,10 @@ def test_the_queue_is_deeper_on_an_accelerator_unless_the_states_are_large():
 
 
 def test_the_accelerator_settings_on_the_cpu_give_the_same_run(monkeypatch):
-    # A deep queue, copies to the host started ahead, the window derived on the device: what a
-    # GPU runs, here on the CPU, gives the CPU's run.
+    # A deep queue, metrics stacked on the device before they are read, the window derived on
+    # the device: what a GPU runs, here on the CPU, gives the CPU's run.
     host, host_history = _run(health_every=4)
-    monkeypatch.setattr(training, "_COPY_AHEAD", True)
+    monkeypatch.setattr(training, "_STACK_METRICS", True)
     monkeypatch.setattr(training, "_WINDOW_ON_DEVICE", True)
     monkeypatch.setattr(training, "_MAX_STEPS_IN_FLIGHT", 16)
     monkeypatch.setattr(training, "_STEPS_PER_READ", 8)
