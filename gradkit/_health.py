@@ -877,6 +877,11 @@ def health_monitor(
     "Training loop and health monitoring"); so does ``gradkit.training.fit(...,
     health_every=k)``, which gates on the host.
 
+    On a GPU the cond itself is the cost for a small, fast step: on an NVIDIA H200 the
+    784-512-512-10 MLP's step took about twice as long with ``every=100`` (+103%) as without, more
+    than with ``every=1`` (+83%). There, gate on the host: ``fit(..., health_every=k)``, or two
+    compiled steps, one with the monitor (``every=1``) and one without, chosen by the loop.
+
     Args:
       every: compute the statistics on updates 0, k, 2k, ... (a positive int).
       inner: an optional optimiser to wrap.

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -914,6 +915,34 @@ def _resolve_callable(function: Any, argument: str) -> Callable[..., jax.Array]:
     return function
 
 
+def _keyword_parameters(function: Callable[..., Any]) -> set[str] | None:
+    """The keyword parameters ``function(x, **params)`` takes, or None when it takes any (or its
+    signature cannot be read)."""
+    target = function.function if isinstance(function, Activation) else function
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for position, parameter in enumerate(signature.parameters.values()):
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if position == 0 or parameter.kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.VAR_POSITIONAL,
+        ):
+            continue
+        names.add(parameter.name)
+    return names
+
+
+def _bound_hint(function: Callable[..., Any], parameter: str, side: str) -> str:
+    """How to write ``function`` with ``parameter`` bound, for an error message."""
+    if isinstance(function, Activation):
+        return f"get({function.name!r}, {parameter}=...)"
+    return f"functools.partial({side}, {parameter}=...)"
+
+
 def with_surrogate_grad(forward: Any, surrogate: Any) -> Activation:
     r"""Wraps ``forward`` so that its derivative is ``surrogate``'s (values stay ``forward``'s).
 
@@ -956,8 +985,32 @@ def with_surrogate_grad(forward: Any, surrogate: Any) -> Activation:
     surrogate_name = _describe(surrogate_fn)
     name = f"{forward_name}[grad={surrogate_name}]"
 
+    functions = {"forward": forward_fn, "surrogate": surrogate_fn}
+    takes = {side: _keyword_parameters(fn) for side, fn in functions.items()}
+    described = {"forward": forward_name, "surrogate": surrogate_name}
+
     def surrogate_graded(x: ArrayLike, **params: Any) -> jax.Array:
         x = _float_input(x, name)
+        for side, other in (("forward", "surrogate"), ("surrogate", "forward")):
+            unknown = sorted(set(params) - takes[side]) if takes[side] is not None else []
+            if not unknown:
+                continue
+            message = (
+                f"{name}: keyword parameters go to both the forward function and the "
+                f"surrogate, and the {side} {described[side]} does not take {unknown} (it "
+                f"takes {sorted(takes[side]) or 'none'})"
+            )
+            if takes[other] is None or unknown[0] in takes[other]:
+                message += (
+                    f". To set {unknown[0]!r} of the {other} alone, bind it when wrapping: "
+                    f"with_surrogate_grad({_bound_hint(functions[other], unknown[0], other)}, "
+                    f"...)"
+                    if other == "forward"
+                    else f". To set {unknown[0]!r} of the {other} alone, bind it when "
+                    f"wrapping: with_surrogate_grad(..., "
+                    f"{_bound_hint(functions[other], unknown[0], other)})"
+                )
+            raise TypeError(message)
         # Array-valued parameters (possibly tracers of an enclosing grad or jit) are explicit
         # arguments of the custom JVP: a custom JVP must not close over tracers. Their own
         # tangents are dropped (parameters are not differentiated through f), but the rule's

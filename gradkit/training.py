@@ -530,8 +530,10 @@ def make_train_step(
         ``clip_global_norm`` cannot hide an exploding layer), params and the updates applied
         (underflow-safe norms, NaN/Inf counts, log2-magnitude histograms, update/param ratios),
         computed inside the step when ``state.step`` (before the update) is a multiple of k and
-        zeros otherwise. The gate is evaluated on the device: no host sync, no retrace, and the
-        statistics cost nothing on the other steps. For any other optax loop, use
+        zeros otherwise. The gate is a :func:`jax.lax.cond` evaluated on the device: no retrace,
+        and on a CPU the other steps cost about what a plain step does (on a GPU a cond in a
+        small step is expensive, see :func:`gradkit.diagnostics.health_monitor`; :func:`fit`
+        gates on the host). For any other optax loop, use
         :func:`gradkit.diagnostics.health_monitor`.
 
     Returns:
@@ -999,6 +1001,12 @@ def fit(
     loss or gradient norm, or an update that makes the params non-finite, stops the run with
     :class:`NonFiniteLossError`; params are checked on the host before every checkpoint and a
     non-finite state is never written, so the newest checkpoint is the last good one.
+
+    The host runs ahead of the device: it launches the next steps while earlier ones compute,
+    and reads their metrics back a few steps late (a NaN still stops the run at its own step, a
+    callback still sees the state of its step). Each step launched and not yet handled keeps its
+    state alive: 4 at most on a CPU; on a GPU or TPU up to 16, while they take less than 256 MiB
+    together (a larger model keeps 4), and there a block's metrics come back in one copy.
 
     Data parallelism uses JAX's sharding: with ``mesh`` (or ``data_parallel=True``, a 1-D mesh
     over ``jax.devices()``) the batch is split along the mesh's first axis and params and

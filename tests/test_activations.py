@@ -835,3 +835,27 @@ def test_replacing_a_built_in_drops_its_parameter_names(restored_registry):
 def test_module_doctests_pass():
     results = doctest.testmod(activations, extraglobs={"jnp": jnp, "jax": jax})
     assert results.attempted > 20 and results.failed == 0
+
+
+def test_a_parameter_one_side_of_a_surrogate_does_not_take_is_named_with_the_wrapper():
+    wrapped = with_surrogate_grad(get("hard_sigmoid", slope=0.2), get("sigmoid"))
+    # Parameters go to both sides: sigmoid has no slope. Without the check the forward pass
+    # ran and only the gradient failed, with sigmoid's own message.
+    with pytest.raises(
+        TypeError,
+        match=r"hard_sigmoid.*\[grad=sigmoid\].*surrogate sigmoid "
+        r"does not take \['slope'\].*get\('hard_sigmoid', slope=\.\.\.\)",
+    ):
+        wrapped(jnp.ones(3), slope=0.5)
+    with pytest.raises(
+        TypeError,
+        match=r"forward hard_sigmoid.* does not take \['bogus'\] "
+        r"\(it takes \['shift', 'slope'\]\)$",
+    ):
+        wrapped(jnp.ones(3), bogus=1.0)
+    # A parameter both sides take still reaches both.
+    both = with_surrogate_grad("leaky_relu", "leaky_relu")
+    np.testing.assert_allclose(both(jnp.array([-1.0]), negative_slope=0.1), [-0.1])
+    np.testing.assert_allclose(
+        jax.grad(lambda x: both(x, negative_slope=0.1))(-1.0), 0.1, rtol=1e-6
+    )
