@@ -627,3 +627,50 @@ def test_reduced_default_is_noted_where_the_platform_rounds_float32_matmuls(monk
     assert report.reduced_matmuls and "TF32" in str(report)
     _, report = _precision_seen()
     assert not report.reduced_matmuls and "TF32" not in str(report)
+
+
+# -- second derivatives next to large first derivatives --------------------------------------
+
+
+def _steep_tanh(wrong_curvature: float):
+    """tanh(10 x) whose JVP rule is 10 sech2(10 x), with sech2's own JVP rule off by
+    ``wrong_curvature`` (0: right): right at first order, wrong at second unless 0."""
+
+    @jax.custom_jvp
+    def sech2(u):
+        return 1.0 - jnp.tanh(u) ** 2
+
+    @sech2.defjvp
+    def sech2_jvp(primals, tangents):
+        (u,), (du,) = primals, tangents
+        y = sech2(u)
+        return y, (-2.0 * jnp.tanh(u) * y + wrong_curvature) * du
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.tanh(10.0 * x)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), 10.0 * sech2(10.0 * x) * t
+
+    return f
+
+
+def test_a_zero_second_derivative_next_to_a_large_first_one_passes():
+    # The compiled second derivative cancels terms of size |f'| ~ 10: its float32 rounding
+    # (~1e-6) once failed against the tolerance of a second derivative of 0.
+    report = check_grads(lambda x: jnp.tanh(10.0 * x), jnp.zeros(3), order=2)
+    assert report.verdict == "pass", str(report)
+    assert any("autodiff's own rounding" in row.note for row in report.rows if row.order == 2)
+    assert check_grads(_steep_tanh(0.0), jnp.zeros(3), order=2).verdict == "pass"
+
+
+def test_a_wrong_second_derivative_at_that_point_still_fails():
+    report = check_grads(_steep_tanh(5.0), jnp.zeros(3), order=2)
+    assert report.verdict == "fail", str(report)
+    assert all(row.verdict == "pass" for row in report.rows if row.order == 1), str(report)
+    assert any(row.verdict == "fail" for row in report.rows if row.order == 2), str(report)
+    # Also when the error is 1e-4 of the first derivative's size (rounding there: ~1e-6).
+    assert check_grads(_steep_tanh(1e-4), jnp.zeros(3), order=2).verdict == "fail"
