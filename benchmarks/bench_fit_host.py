@@ -35,12 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_training import BATCH, SIZES, problem
 
 import gradkit.training as training
-from gradkit.layers import MLP
 
-SIZES = [784, 512, 512, 10]
-BATCH = 128
 SETTINGS = (
     "_MAX_STEPS_IN_FLIGHT_ACCELERATOR",
     "_WINDOW_ON_DEVICE",
@@ -58,21 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 60, 5
-    examples = BATCH * 50
-    model = MLP(SIZES, "relu")
-    params = model.init(jax.random.key(0))
-    optimizer = optax.adam(1e-3)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(examples, SIZES[0])).astype(np.float32)
-    y = rng.integers(0, SIZES[-1], size=examples).astype(np.int32)
-    batches = [
-        (jnp.asarray(x[i : i + BATCH]), jnp.asarray(y[i : i + BATCH]))
-        for i in range(0, examples, BATCH)
-    ]
-
-    def loss_fn(p, batch):
-        logits = model.apply(p, batch[0])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+    params, optimizer, x, y, batches, loss_fn = problem(SIZES)
 
     def body(p, opt_state, inputs, labels):
         loss, grads = jax.value_and_grad(loss_fn)(p, (inputs, labels))

@@ -103,6 +103,29 @@ class _CompileCounter(logging.Handler):
             self.count += 1
 
 
+def problem(sizes: list[int]):
+    """The benchmark's training problem: an MLP of ``sizes`` (ReLU) with its params, Adam 1e-3,
+    random float32 inputs and integer labels for 50 batches of ``BATCH`` (as NumPy arrays and as
+    device batches), and the softmax cross-entropy ``loss_fn(params, (inputs, labels))``."""
+    model = MLP(sizes, "relu")
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    examples = BATCH * 50
+    x = rng.normal(size=(examples, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], size=examples).astype(np.int32)
+    device_batches = [
+        (jnp.asarray(x[i : i + BATCH]), jnp.asarray(y[i : i + BATCH]))
+        for i in range(0, examples, BATCH)
+    ]
+
+    def loss_fn(params, batch):
+        inputs, labels = batch
+        logits = model.apply(params, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return params, optax.adam(1e-3), x, y, device_batches, loss_fn
+
+
 def count_step_compiles(run, names: tuple[str, ...]) -> int:
     counter = _CompileCounter(names)
     logger = logging.getLogger("jax")
@@ -220,22 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.warmup, args.repeats, args.rounds, args.fit_rounds = 30, 5, 1, 2, 2
 
-    model = MLP(sizes, "relu")
-    params = model.init(jax.random.key(0))
-    optimizer = optax.adam(1e-3)
-    rng = np.random.default_rng(0)
-    examples = BATCH * 50
-    x = rng.normal(size=(examples, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], size=examples).astype(np.int32)
-    device_batches = [
-        (jnp.asarray(x[i : i + BATCH]), jnp.asarray(y[i : i + BATCH]))
-        for i in range(0, examples, BATCH)
-    ]
-
-    def loss_fn(params, batch):
-        inputs, labels = batch
-        logits = model.apply(params, inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    params, optimizer, x, y, device_batches, loss_fn = problem(sizes)
+    examples = len(x)
 
     def hand_loop(steps: int, warmup: int, with_norm: bool, tx=optimizer) -> float:
         @jax.jit
