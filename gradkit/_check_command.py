@@ -80,6 +80,15 @@ def gradcheck_target(example_args_factory: Callable[[], Any], **options: Any) ->
             f"arguments, got {type(example_args_factory).__name__}; write "
             "@gradcheck_target(lambda: (x,))"
         )
+    if _takes_arguments(example_args_factory):
+        # @gradcheck_target without parentheses passes the function itself as the factory.
+        raise TypeError(
+            "gradcheck_target: example_args_factory must be a function of no arguments "
+            "returning the example arguments, but "
+            f"{getattr(example_args_factory, '__name__', example_args_factory)!r} takes "
+            "arguments (is @gradcheck_target used without its factory?); write "
+            "@gradcheck_target(lambda: (x,))"
+        )
     from gradkit._gradcheck import check_grads
 
     known = set(inspect.signature(check_grads).parameters) - {"f", "args"}
@@ -94,6 +103,19 @@ def gradcheck_target(example_args_factory: Callable[[], Any], **options: Any) ->
         return function
 
     return decorate
+
+
+def _takes_arguments(function: Callable) -> bool:
+    """Whether ``function`` has a parameter without a default (False if it cannot be told)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for p in parameters
+    )
 
 
 class TargetError(ValueError):
@@ -255,6 +277,14 @@ def main(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     if args.no_locate:
         overrides["locate"] = False
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        # Checked before any check runs: a report that cannot be written is a usage error.
+        print(
+            f"gradkit check: --json {args.json}: folder {Path(args.json).resolve().parent} "
+            "does not exist",
+            file=sys.stderr,
+        )
+        return 2
     try:
         functions = [pair for target in args.targets for pair in resolve(target)]
     except TargetError as error:

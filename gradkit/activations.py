@@ -1225,11 +1225,18 @@ class Activation:
         Raises:
           ValueError: if ``threshold`` is outside ``[0, 1]`` or the peak derivative is unknown.
         """
-        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(
-                f"{self.name}.saturation_mask: threshold must be a float in [0, 1]; got "
-                f"{threshold!r}."
+        if not isinstance(threshold, jax.core.Tracer):  # a traced threshold cannot be checked
+            real = (
+                not isinstance(threshold, bool)
+                and np.ndim(threshold) == 0
+                and np.issubdtype(np.asarray(threshold).dtype, np.number)
+                and not np.iscomplexobj(threshold)
             )
+            if not real or not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError(
+                    f"{self.name}.saturation_mask: threshold must be a real number in [0, 1]; "
+                    f"got {threshold!r}."
+                )
         peak = self.peak(**params)
         slope = jnp.abs(self.derivative_at(x, **params))
         return (slope < threshold * peak) | self.zero_grad_mask(x, **params)

@@ -438,6 +438,12 @@ class Dense:
                 f"{tuple(kernel.shape)}{_caller_line()}"
             )
         if not self.use_bias:
+            if "bias" in params:
+                raise ValueError(
+                    f"{label}: params hold a 'bias' but the layer has use_bias=False, so it "
+                    "would be ignored (params of a layer with a bias? build it with "
+                    f"use_bias=True, or drop the entry){_caller_line()}"
+                )
             return kernel, None
         if "bias" not in params:
             raise ValueError(f"{label}: params lack 'bias' (use_bias=True){_caller_line()}")
@@ -640,6 +646,21 @@ class MLP:
                 f"MLP: params lack {missing}; they hold {sorted(params)}, this MLP has "
                 f"{[layer.name for layer in self.layers]}{_caller_line()}"
             )
+        for index, layer in enumerate(self.layers):
+            # The params first: a kernel of another model would otherwise be reported as a bad
+            # input to the layer before it.
+            layer_params = params[layer.name]
+            if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
+                continue  # Dense.apply says what is missing
+            expected = (self.layer_sizes[index], self.layer_sizes[index + 1])
+            found = tuple(jnp.shape(layer_params["kernel"]))
+            if found != expected:
+                raise ValueError(
+                    f"MLP {list(self.layer_sizes)}: params['{layer.name}']['kernel'] has shape "
+                    f"{found}, but this MLP's layer '{layer.name}' maps {expected[0]} to "
+                    f"{expected[1]} features and needs {expected} (params of another model?)"
+                    f"{_caller_line()}"
+                )
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.layer_sizes[0]:
             raise ValueError(

@@ -560,7 +560,7 @@ def test_saturation_mask_reproduces_the_sigmoid_rule_and_contains_the_zero_grad_
         both = jax.jit(lambda v, a=act: (a.zero_grad_mask(v), a.saturation_mask(v)))
         zero, saturated = (np.asarray(m) for m in both(values if act.elementwise else values.T))
         assert np.all(saturated[zero]), name
-    with pytest.raises(ValueError, match=r"threshold must be a float in \[0, 1\]; got 2"):
+    with pytest.raises(ValueError, match=r"threshold must be a real number in \[0, 1\]; got 2"):
         get("sigmoid").saturation_mask(jnp.zeros(2), threshold=2)
 
 
@@ -859,3 +859,16 @@ def test_a_parameter_one_side_of_a_surrogate_does_not_take_is_named_with_the_wra
     np.testing.assert_allclose(
         jax.grad(lambda x: both(x, negative_slope=0.1))(-1.0), 0.1, rtol=1e-6
     )
+
+
+def test_saturation_threshold_takes_numpy_jax_and_traced_scalars():
+    sigmoid = get("sigmoid")
+    x = jnp.linspace(-8.0, 8.0, 5)
+    expected = np.asarray(sigmoid.saturation_mask(x, threshold=0.1))
+    for threshold in (np.float32(0.1), jnp.float32(0.1), np.float64(0.1)):
+        np.testing.assert_array_equal(sigmoid.saturation_mask(x, threshold=threshold), expected)
+    traced = jax.jit(lambda t: sigmoid.saturation_mask(x, threshold=t))(0.1)
+    np.testing.assert_array_equal(traced, expected)
+    for bad in (1.5, -0.1, True, "0.1", np.ones(2)):
+        with pytest.raises(ValueError, match="threshold must be a real number in"):
+            sigmoid.saturation_mask(x, threshold=bad)

@@ -88,6 +88,32 @@ def test_gradcheck_target_attaches_arguments_and_validates_options():
         gradcheck_target(jnp.ones(2))
 
 
+def test_gradcheck_target_without_its_factory_is_refused_at_decoration():
+    # @gradcheck_target with no parentheses passed the function as the factory, and the name
+    # was bound to the inner decorator: calling energy(x) returned x.
+    with pytest.raises(TypeError, match=r"'energy' takes arguments .*without its factory"):
+
+        @gradcheck_target
+        def energy(x):
+            return jnp.sum(jnp.tanh(x) ** 2)
+
+    # Factories with defaulted parameters only are fine.
+    @gradcheck_target(lambda n=3: (jnp.ones(n),))
+    def f(x):
+        return jnp.sum(x**2)
+
+    assert f(jnp.ones(2)) == 2.0
+
+
+def test_a_json_report_in_a_missing_folder_is_a_usage_error_before_any_check(
+    targets_file, capsys, tmp_path
+):
+    status = cli.main(["check", f"{targets_file}::good", "--json", str(tmp_path / "no" / "r.json")])
+    assert status == 2
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "== " not in captured.out
+
+
 def test_check_command_passing_target_exits_0(targets_file, capsys):
     assert cli.main(["check", f"{targets_file}::good"]) == 0
     out = capsys.readouterr().out

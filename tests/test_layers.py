@@ -435,3 +435,29 @@ def test_outside_a_collector_the_jaxpr_is_exactly_the_plain_computation():
     ours = jax.make_jaxpr(mlp.apply)(params, x)
     reference = jax.make_jaxpr(plain)(params, x)
     assert str(ours) == str(reference)
+
+
+def test_params_of_another_mlp_are_named_not_blamed_on_the_input():
+    key = jax.random.key(0)
+    mlp = MLP([2, 4, 1], "tanh")
+    # The input fits this MLP; the first kernel is another model's (3 inputs).
+    with pytest.raises(
+        ValueError, match=r"params\['dense_0'\]\['kernel'\] has shape \(3, 4\).* needs \(2, 4\)"
+    ):
+        mlp.apply(MLP([3, 4, 1], "tanh").init(key), jnp.ones((5, 2)))
+    params = mlp.init(key)
+    params["dense_1"] = {"kernel": jnp.ones((5, 1)), "bias": jnp.zeros(1)}
+    with pytest.raises(ValueError, match=r"params\['dense_1'\]\['kernel'\] has shape \(5, 1\)"):
+        mlp.apply(params, jnp.ones((5, 2)))
+    # A bad input is still reported as the input.
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(\.\.\., 2\)"):
+        mlp.apply(mlp.init(key), jnp.ones((5, 3)))
+
+
+def test_a_bias_given_to_a_layer_without_one_is_refused_not_ignored():
+    params = Dense(3).init(jax.random.key(0), 2)
+    params["bias"] = jnp.full(3, 100.0)
+    with pytest.raises(ValueError, match=r"params hold a 'bias' but the layer has use_bias=False"):
+        Dense(3, use_bias=False).apply(params, jnp.ones(2))
+    del params["bias"]
+    assert Dense(3, use_bias=False).apply(params, jnp.ones(2)).shape == (3,)
