@@ -376,6 +376,12 @@ class Dense:
                 f"{self._label}: {argument}={initializer!r} failed for the shape {shape}: "
                 f"{error}{hint}"
             ) from error
+        if callable(value) and not hasattr(value, "shape"):
+            name = getattr(initializer, "__name__", repr(initializer))
+            raise TypeError(
+                f"{self._label}: {argument}={name} returned a function, not an array: it is an "
+                f"initializer factory; pass what it returns, e.g. {argument}={name}()"
+            )
         if tuple(jnp.shape(value)) != shape:
             raise ValueError(
                 f"{self._label}: the initializer {initializer!r} returned shape "

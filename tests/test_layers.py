@@ -461,3 +461,10 @@ def test_a_bias_given_to_a_layer_without_one_is_refused_not_ignored():
         Dense(3, use_bias=False).apply(params, jnp.ones(2))
     del params["bias"]
     assert Dense(3, use_bias=False).apply(params, jnp.ones(2)).shape == (3,)
+
+
+def test_an_initializer_factory_passed_uncalled_is_named():
+    with pytest.raises(
+        TypeError, match=r"w_init=he_normal returned a function.*w_init=he_normal\(\)"
+    ):
+        Dense(3, w_init=jax_init.he_normal).init(jax.random.key(0), 2)
