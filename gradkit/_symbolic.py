@@ -237,6 +237,9 @@ class Expression:
                 pass
             # No finite real value: sympy's zoo, nan or a complex number. Float64 arithmetic
             # tells -inf from inf and nan, as JAX does.
+            # Complex infinity (folded while tracing) has no sign: nan, as the docstring says;
+            # NumPy's printer cannot write it.
+            element = sympy.sympify(element).xreplace({sympy.zoo: sympy.nan})
             numeric = sympy.lambdify(symbols, element, modules=[_NUMPY_FUNCTIONS, "numpy"])
             arguments = (v if isinstance(v, np.bool_) else np.float64(v) for v in values)
             with np.errstate(all="ignore"):
@@ -720,6 +723,40 @@ class _Interpreter:
         finally:
             self.context.pop()
 
+    def _guarded_comparison(self, name: str, fun: Callable, eqn: Any) -> Callable:
+        """``fun`` (``Eq``/``Ne``), refusing a comparison that exact arithmetic decides although
+        floats may not: ``u != u`` (``jnp.isnan``) or ``|u| == inf`` (``jnp.isinf``) of an ``u``
+        that sympy cannot prove a finite real for real inputs (``sqrt``, ``log``, a division).
+        Folding
+        it would drop a NaN/Inf guard from the formula (``where(isnan(sqrt(x)), 0, sqrt(x))``
+        would read ``sqrt(x)``)."""
+
+        def always_finite(e: Any) -> bool:
+            # Provably a finite real for every real input (a polynomial, exp, jax's own stable
+            # log1p(exp(-|x|)) ...): a NaN/Inf test of it, such as jax's NaN passthroughs in
+            # logaddexp, folds safely. Overflow (exp(x) for large x) is the float's, not the
+            # formula's.
+            e = sympy.sympify(e)
+            if not e.free_symbols:  # a constant, infinity included, is what it is
+                return True
+            while isinstance(e, sympy.Abs):  # |log(x)| is real where log(x) is not
+                e = e.args[0]
+            return e.is_extended_real is True and e.is_finite is True
+
+        def compare(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
+            result = fun(a, b)
+            decided = isinstance(result, sympy.logic.boolalg.BooleanAtom)
+            if decided and not (always_finite(a) and always_finite(b)):
+                raise UnsupportedPrimitiveError(
+                    f"expression: {'==' if name == 'eq' else '!='} comparison of {a} with "
+                    f"{b}{self.where(eqn)} is {bool(result)} in exact arithmetic but not for every "
+                    "float (a NaN or infinity test such as jnp.isnan, jnp.isinf or "
+                    "jnp.nan_to_num); a formula would drop it"
+                )
+            return result
+
+        return compare
+
     def equation(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
         name = eqn.primitive.name
         params = eqn.params
@@ -739,6 +776,8 @@ class _Interpreter:
                 fun = {"add": _BINARY["or"], "max": _BINARY["or"]}.get(name, _BINARY["and"])
                 if name == "sub":
                     raise UnsupportedPrimitiveError(f"sub of booleans{self.where(eqn)}")
+            if name in ("eq", "ne"):
+                fun = self._guarded_comparison(name, fun, eqn)
             return [_map(fun, *inputs)]
         if name == "integer_pow":
             return [_map(lambda a: a ** params["y"], inputs[0])]

@@ -531,3 +531,30 @@ def test_large_formulas_skip_sympy_simplify(monkeypatch):
     )
     assert str(expression(small, 1.0)) == "2*tanh(x)/cosh(x)**2"
     assert len(calls) == 1
+
+
+def test_a_nan_or_inf_guard_is_refused_not_dropped_from_the_formula():
+    # sympy folds u != u and |u| == oo to False: the formula read sqrt(x), NaN at -1 where the
+    # function gives 0.
+    guarded = [
+        lambda x: jnp.where(jnp.isnan(jnp.sqrt(x)), 0.0, jnp.sqrt(x)),
+        lambda x: jnp.nan_to_num(jnp.log(x)),
+        lambda x: jnp.where(jnp.isinf(jnp.log(x)), 0.0, x),
+    ]
+    for f in guarded:
+        with pytest.raises(
+            _symbolic.UnsupportedPrimitiveError, match="exact arithmetic but not for every"
+        ):
+            expression(f, 0.5)
+    # jax's own NaN passthroughs test inputs (softplus: isnan(x)): those fold, as before.
+    assert str(expression(jax.nn.softplus, 0.5)) == "log(exp(x) + 1)" or expression(
+        jax.nn.softplus, 0.5
+    ).evaluate(0.5) == pytest.approx(float(jax.nn.softplus(0.5)))
+    # A comparison that depends on the variable stays a condition.
+    e = expression(lambda x: jnp.where(x == 2.0, 1.0, x), 1.0)
+    assert [float(e.evaluate(v)) for v in (2.0, 3.0)] == [1.0, 3.0]
+
+
+def test_complex_infinity_folded_while_tracing_evaluates_to_nan():
+    for f in (lambda x: x / (x - x), lambda x: jnp.log(x - x)):
+        assert np.isnan(expression(f, 2.0).evaluate(2.0))
