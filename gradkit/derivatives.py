@@ -158,6 +158,11 @@ def _check_like(
             weak
             and jnp.issubdtype(ref_dtype, jnp.inexact)
             and (jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer))
+            # a complex Python scalar does not fit a real leaf
+            and (
+                not jnp.issubdtype(dtype, jnp.complexfloating)
+                or jnp.issubdtype(ref_dtype, jnp.complexfloating)
+            )
         )
         if shape != ref_shape or (dtype != ref_dtype and not compatible_weak):
             where = jax.tree_util.keystr(path) or "(the root)"
@@ -176,18 +181,22 @@ def _check_like(
 
 
 def _normalise_argnums(caller: str, argnums: Any) -> int | tuple[int, ...]:
-    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple, list)):
+    def is_int(a: Any) -> bool:
+        return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+    if not (is_int(argnums) or isinstance(argnums, (tuple, list))):
         raise TypeError(
             f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r} "
             f"({type(argnums).__name__})"
         )
-    if isinstance(argnums, int):
-        return argnums
+    if is_int(argnums):
+        return int(argnums)
     argnums = tuple(argnums)
     if not argnums:
         raise ValueError(f"{caller}: argnums must name at least one argument, got ()")
-    if not all(isinstance(a, int) and not isinstance(a, bool) for a in argnums):
+    if not all(is_int(a) for a in argnums):
         raise TypeError(f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}")
+    argnums = tuple(int(a) for a in argnums)
     if len(set(argnums)) != len(argnums):
         raise ValueError(f"{caller}: argnums must not repeat an argument, got {argnums!r}")
     return argnums

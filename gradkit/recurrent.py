@@ -246,7 +246,11 @@ def _time_length(xs: PyTree, length: int | None, who: str = "scan") -> int:
             )
         return int(length)
     if not distinct:
-        raise ValueError(f"{who}: xs has no leaves, so pass length= to say how many steps to run")
+        if who == "scan":
+            raise ValueError(
+                f"{who}: xs has no leaves, so pass length= to say how many steps to run"
+            )
+        raise ValueError(f"{who}: xs has no leaves: it needs a sequence with a leading time axis")
     return int(distinct[0])
 
 
@@ -264,11 +268,11 @@ def _resolve_remat(remat: Any, length: int) -> str | int | None:
     )
 
 
-def _check_unroll(unroll: Any) -> int | bool:
+def _check_unroll(unroll: Any, who: str = "scan") -> int | bool:
     if isinstance(unroll, bool):
         return unroll
     if not isinstance(unroll, (int, np.integer)) or unroll < 1:
-        raise ValueError(f"scan: unroll must be a bool or an int >= 1; got {unroll!r}")
+        raise ValueError(f"{who}: unroll must be a bool or an int >= 1; got {unroll!r}")
     return int(unroll)
 
 
@@ -1038,13 +1042,19 @@ class RNN:
 
         Raises:
           ValueError: if ``xs`` is not 3-D, has another number of features than the
-            parameters of a gradkit cell take, ``mask`` is not ``(batch, time)`` or a leaf of
-            ``initial_carry`` has no leading axis of the batch size.
+            parameters of a gradkit cell take, has no time steps with ``only_return_final``,
+            ``mask`` is not ``(batch, time)`` or a leaf of ``initial_carry`` has no leading
+            axis of the batch size.
         """
         xs = jnp.asarray(xs)
         if xs.ndim != 3:
             raise ValueError(
                 f"RNN.apply: xs must be (batch, time, features); got shape {tuple(xs.shape)}"
+            )
+        if self.only_return_final and xs.shape[1] == 0:
+            raise ValueError(
+                "RNN.apply: only_return_final=True needs at least one time step to return the "
+                f"output of; xs has none (shape {tuple(xs.shape)})"
             )
         batch = xs.shape[0]
         if isinstance(self.cell, (SimpleRNN, GRU, LSTM)):
@@ -1191,7 +1201,7 @@ def tbptt_value_and_grad(
     k2 = k1 if k2 is None else _check_block(k2, "k2")
     if k2 < k1:
         raise ValueError(f"tbptt_value_and_grad: k2 must be >= k1; got k1={k1}, k2={k2}")
-    unroll = _check_unroll(unroll)
+    unroll = _check_unroll(unroll, "tbptt_value_and_grad")
     not_float = [
         f"params{jax.tree_util.keystr(path)} is {jnp.result_type(leaf)}"
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]

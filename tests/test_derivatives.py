@@ -507,3 +507,16 @@ def test_arguments_without_arrays_give_leafless_derivatives():
     assert jvp(lambda p: jnp.ones(2), {}, {}).shape == (2,)
     assert vjp(lambda p: jnp.ones(2), {}, jnp.ones(2)) == {}
     assert hvp(lambda p: jnp.float32(1.0), {}, {}) == {}
+
+
+def test_numpy_integer_argnums_and_complex_scalars_for_real_inputs():
+    # np.int64 positions are ints (jax's own transforms take them).
+    jac = jacobian(lambda a: 2.0 * a, argnums=np.int64(0))(jnp.ones(2))
+    np.testing.assert_allclose(jac, 2.0 * np.eye(2))
+    jac = jacobian(lambda a, b: a * b, argnums=(np.int32(0), 1))(jnp.ones(2), jnp.ones(2))
+    assert len(jac) == 2
+    # A complex Python scalar as the tangent of a real input is a mismatch, named as such
+    # (was "float() argument must be ... not 'complex'").
+    with pytest.raises(ValueError, match=r"v must match x .* v has complex64\[\]"):
+        jvp(lambda a: a**2, 2.0, 1j)
+    assert float(jvp(lambda a: a**2, 2.0, 1.0)) == 4.0

@@ -737,3 +737,15 @@ def test_python_scalar_init_takes_the_step_dtype_like_lax_scan():
     want = lax.scan(lambda h, x: (h + x, h), 0, xs)
     assert got[0].dtype == want[0].dtype == jnp.float32
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_tbptt_errors_name_tbptt_and_its_own_arguments():
+    def loss_step(p, h, x):
+        return jnp.tanh(p * h + x), h**2
+
+    with pytest.raises(ValueError, match=r"^tbptt_value_and_grad: xs has no leaves: it needs"):
+        recurrent.tbptt_value_and_grad(loss_step, 0.5, 0.0, None, k1=2)
+    with pytest.raises(ValueError, match=r"^tbptt_value_and_grad: unroll must be"):
+        recurrent.tbptt_value_and_grad(loss_step, 0.5, 0.0, jnp.ones(4), k1=2, unroll=0)
+    with pytest.raises(ValueError, match=r"^scan: xs has no leaves, so pass length="):
+        scan(lambda h, x: (h, h), 0.0, None)

@@ -510,3 +510,12 @@ def test_tbptt_errors():
         tbptt_value_and_grad(lambda p, h, x: jnp.sum(h), params, init, xs, k1=2)
     with pytest.raises(TypeError, match=r"loss_step must return a carry with the same shapes"):
         tbptt_value_and_grad(lambda p, h, x: (h[:2], jnp.sum(h)), params, init, xs, k1=2)
+
+
+def test_only_return_final_on_a_sequence_without_steps_is_a_clear_error():
+    layer = RNN(SimpleRNN(2), only_return_final=True)
+    params = SimpleRNN(2).init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"only_return_final=True needs at least one time step"):
+        layer.apply(params, jnp.ones((1, 0, 3)))
+    # Without only_return_final an empty sequence gives empty outputs, as before.
+    assert RNN(SimpleRNN(2)).apply(params, jnp.ones((1, 0, 3))).shape == (1, 0, 2)
