@@ -861,7 +861,10 @@ def softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
       Array([0.5, 0.5], dtype=float32)
     """
     x = _float_input(x, "softmax")
-    return _softmax(x, _normalize_axis(axis, x.ndim, "softmax"))
+    axis = _normalize_axis(axis, x.ndim, "softmax")
+    if x.size == 0:  # nothing to normalise (the maximum of an empty slice is undefined)
+        return x
+    return _softmax(x, axis)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -897,7 +900,10 @@ def log_softmax(x: ArrayLike, axis: int | tuple[int, ...] = -1) -> jax.Array:
       Array([-200.,    0.], dtype=float32)
     """
     x = _float_input(x, "log_softmax")
-    return _log_softmax(x, _normalize_axis(axis, x.ndim, "log_softmax"))
+    axis = _normalize_axis(axis, x.ndim, "log_softmax")
+    if x.size == 0:
+        return x
+    return _log_softmax(x, axis)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1250,7 +1256,10 @@ class Activation:
         if self.peak_derivative is None:
             raise ValueError(
                 f"Activation {self.name!r} declares no peak_derivative, so saturation is "
-                "undefined; pass peak_derivative= when constructing it."
+                "undefined; pass peak_derivative= when constructing it, or (for a "
+                "with_surrogate_grad wrapper, which takes its surrogate's) use a registered "
+                "surrogate such as 'sigmoid' or 'tanh', or dataclasses.replace(wrapper, "
+                "peak_derivative=...)."
             )
         value = self.peak_derivative
         if callable(value):

@@ -872,3 +872,24 @@ def test_saturation_threshold_takes_numpy_jax_and_traced_scalars():
     for bad in (1.5, -0.1, True, "0.1", np.ones(2)):
         with pytest.raises(ValueError, match="threshold must be a real number in"):
             sigmoid.saturation_mask(x, threshold=bad)
+
+
+def test_softmax_of_an_empty_array_is_empty_like_jax_nn():
+    for fn, reference in (
+        (activations.softmax, jax.nn.softmax),
+        (activations.log_softmax, jax.nn.log_softmax),
+    ):
+        for shape in ((0,), (3, 0)):
+            out = fn(jnp.zeros(shape))
+            assert out.shape == reference(jnp.zeros(shape)).shape == shape
+    assert jax.grad(lambda x: activations.softmax(x).sum())(jnp.zeros(0)).shape == (0,)
+
+
+def test_a_surrogate_without_a_peak_says_how_to_get_a_saturation_mask():
+    wrapped = with_surrogate_grad(jnp.sign, jax.nn.sigmoid)
+    with pytest.raises(ValueError, match=r"registered surrogate such as 'sigmoid'"):
+        wrapped.saturation_mask(jnp.ones(3))
+    np.testing.assert_array_equal(
+        with_surrogate_grad(jnp.sign, "sigmoid").saturation_mask(jnp.array([0.0, 9.0])),
+        [False, True],
+    )
