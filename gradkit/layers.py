@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.nn import initializers as _jax_init
 from jax.typing import ArrayLike, DTypeLike
 
@@ -84,6 +85,18 @@ class _VarianceScaling:
         dtype: DTypeLike | None = None,
         **config: Any,
     ) -> Any:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            # jax's positional configuration: glorot_uniform(in_axis, out_axis, batch_axis).
+            positional = {"in_axis": key, "out_axis": shape, "batch_axis": dtype}
+            given = {k: v for k, v in positional.items() if v is not None}
+            return _VarianceScaling(
+                self._name, self._factory, **{**self._config, **given, **config}
+            )
+        if isinstance(key, (tuple, list)):
+            raise TypeError(
+                f"{self._name}: the first argument is the PRNG key, got {key!r} (a shape?): "
+                f"{self._name}(key, shape, dtype)"
+            )
         if key is None:
             if shape is not None:
                 raise TypeError(f"{self._name}: pass a PRNG key first: {self._name}(key, shape)")

@@ -468,3 +468,15 @@ def test_an_initializer_factory_passed_uncalled_is_named():
         TypeError, match=r"w_init=he_normal returned a function.*w_init=he_normal\(\)"
     ):
         Dense(3, w_init=jax_init.he_normal).init(jax.random.key(0), 2)
+
+
+def test_variance_scaling_takes_jax_positional_configuration_and_names_a_shape_for_a_key():
+    key = jax.random.key(0)
+    for ours, theirs in (
+        (layers.glorot_uniform, jax_init.glorot_uniform),
+        (layers.he_normal, jax_init.he_normal),
+    ):
+        for axes in ((-2, -1), (0, 1)):
+            np.testing.assert_array_equal(ours(*axes)(key, (3, 4)), theirs(*axes)(key, (3, 4)))
+    with pytest.raises(TypeError, match=r"first argument is the PRNG key, got \(3, 4\)"):
+        layers.glorot_uniform((3, 4))
