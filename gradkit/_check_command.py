@@ -39,10 +39,13 @@ class GradcheckTarget:
     Attributes:
       example_args_factory: returns the positional arguments (a tuple, or one non-tuple value).
       options: keyword arguments for :func:`gradkit.diagnostics.check_grads`.
+      module: the name of the module in which the decorator was applied (where a
+        ``functools.partial`` or other callable object was made a target), or None.
     """
 
     example_args_factory: Callable[[], Any]
     options: dict[str, Any]
+    module: str | None = None
 
     def example_args(self) -> tuple:
         args = self.example_args_factory()
@@ -99,7 +102,15 @@ def gradcheck_target(example_args_factory: Callable[[], Any], **options: Any) ->
         )
 
     def decorate(function: Callable) -> Callable:
-        setattr(function, TARGET_ATTRIBUTE, GradcheckTarget(example_args_factory, dict(options)))
+        caller = sys._getframe(1).f_globals.get("__name__")
+        target = GradcheckTarget(example_args_factory, dict(options), caller)
+        try:
+            setattr(function, TARGET_ATTRIBUTE, target)
+        except (AttributeError, TypeError, dataclasses.FrozenInstanceError) as error:
+            raise TypeError(
+                f"gradcheck_target: cannot mark {function!r}: it takes no attributes ({error}); "
+                "wrap it in a function: gradcheck_target(...)(lambda x: f(x))"
+            ) from None
         return function
 
     return decorate
@@ -202,8 +213,11 @@ def resolve(target: str) -> list[tuple[str, Callable]]:
 
 
 def _defined_in(obj: Any, module: ModuleType) -> bool:
-    """Whether ``obj`` was defined in ``module`` (or, for a package, in one of its modules)."""
-    home = getattr(obj, "__module__", None)
+    """Whether ``obj`` was made a target in ``module`` (or, for a package, in one of its
+    modules): where the decorator ran, else where ``obj`` was defined."""
+    home = getattr(getattr(obj, TARGET_ATTRIBUTE, None), "module", None) or getattr(
+        obj, "__module__", None
+    )
     if not isinstance(home, str):
         return True  # no record of where it comes from: take it
     package = hasattr(module, "__path__")
@@ -224,7 +238,12 @@ def _decorated(module: ModuleType, target: str) -> list[tuple[str, Callable]]:
         (f"{target}{separator}{name}", obj) for name, obj in decorated if _defined_in(obj, module)
     ]
     if not found:
-        imported = sorted({f"{obj.__module__}.{name}" for name, obj in decorated})
+        imported = sorted(
+            {
+                f"{getattr(obj, TARGET_ATTRIBUTE).module or obj.__module__}.{name}"
+                for name, obj in decorated
+            }
+        )
         hint = (
             f" (it imports {', '.join(imported)}: name that module, or the function as "
             f"{target}{separator}NAME)"

@@ -274,3 +274,34 @@ def test_pytest_plugin_fixture_passes_and_fails_with_the_report(pytester, x64):
             "*wrong derivative rule: custom_jvp_call*",
         ]
     )
+
+
+def test_a_file_checks_callable_objects_made_targets_in_it(tmp_path, capsys):
+    # A functools.partial's __module__ is 'functools': the file's own target was taken for an
+    # import and skipped ("defines no function decorated ...").
+    path = tmp_path / "partial_targets.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import functools
+            import jax.numpy as jnp
+            import gradkit.diagnostics as gd
+
+            def loss(x, scale):
+                return jnp.sum(jnp.tanh(scale * x) ** 2)
+
+            scaled = gd.gradcheck_target(lambda: jnp.linspace(-1.0, 1.0, 4))(
+                functools.partial(loss, scale=2.0)
+            )
+            """
+        )
+    )
+    assert cli.main(["check", str(path)]) == 0
+    assert "1 of 1 gradient check(s) passed" in capsys.readouterr().out
+
+
+def test_an_object_that_takes_no_attributes_is_refused_with_a_wrapper_hint():
+    from gradkit.activations import get
+
+    with pytest.raises(TypeError, match=r"cannot mark .* wrap it in a function"):
+        gradcheck_target(lambda: jnp.ones(3))(get("tanh"))
