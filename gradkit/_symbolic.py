@@ -543,6 +543,9 @@ _BINARY: dict[str, Callable[[sympy.Basic, sympy.Basic], sympy.Basic]] = {
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b,
+    # C's fmod, as XLA's rem: the sign of the dividend (jnp.remainder and // add their own
+    # corrections around it).
+    "rem": lambda a, b: a - b * _truncate(a / b),
     "pow": lambda a, b: a**b,
     "max": sympy.Max,
     "min": sympy.Min,
@@ -814,6 +817,8 @@ class _Interpreter:
             return [inputs[0][index]]
         if name == "concatenate":
             return [np.concatenate(inputs, axis=params["dimension"])]
+        if name == "stack":  # jnp.stack and jnp.array([...]) of arrays
+            return [np.stack(inputs, axis=params["axis"])]
         if name == "split":
             bounds = np.cumsum(params["sizes"])[:-1]
             return list(np.split(inputs[0], bounds, axis=params["axis"]))
@@ -856,7 +861,7 @@ class _Interpreter:
         raise UnsupportedPrimitiveError(
             f"expression: primitive {name!r}{self.where(eqn)} has no symbolic rule; "
             "gradkit writes formulas for element-wise arithmetic, elementary functions, "
-            "comparisons and where/select, reductions, dot products, reshapes and slices, "
+            "comparisons and where/select, reductions, dot products, reshapes, slices and stacks, "
             "and calls (jit, custom_jvp, custom_vjp, cond, short scans)"
         )
 
@@ -1021,7 +1026,7 @@ def _tidy(
     """
     if not isinstance(value, sympy.Expr):
         if isinstance(value, sympy.Basic) and thorough:
-            return sympy.simplify(value)
+            return _simplified(value)
         return value
     if value.has(sympy.Piecewise):
         value = sympy.piecewise_fold(value)
@@ -1032,8 +1037,17 @@ def _tidy(
     if recognised != value:
         candidates.insert(0, recognised)
     if thorough:
-        candidates.append(sympy.simplify(value))
+        candidates.append(_simplified(value))
     return min(candidates, key=sympy.count_ops)
+
+
+def _simplified(value: sympy.Basic) -> sympy.Basic:
+    """``sympy.simplify(value)``, or ``value`` where sympy fails on it (its piecewise
+    simplification raises on some conditions, e.g. ``Ne(x < 0, False)`` from ``x % 2``)."""
+    try:
+        return sympy.simplify(value)
+    except (TypeError, ValueError, NotImplementedError, RecursionError):
+        return value
 
 
 def _recognise_sigmoid(value: sympy.Expr) -> sympy.Expr:

@@ -630,12 +630,14 @@ def expression(
 
     Supported: arithmetic, powers, exp/log/log1p/expm1, trigonometric and hyperbolic functions,
     logistic, sqrt/rsqrt/cbrt, abs, sign, max/min, comparisons and ``where`` (as ``Piecewise``),
-    type conversions, reductions, ``dot_general``, reshapes, slices and concatenation, and
+    type conversions, reductions, ``dot_general``, reshapes, slices, concatenation and
+    ``stack``, remainders (``%``, ``fmod``; not ``//``, whose rounding has no rule), and
     ``jit``/``custom_jvp``/``custom_vjp``/``cond`` (their bodies are read) and scans of at most
     64 steps (unrolled), ``jax.checkpoint``; ``stop_gradient`` is the identity and
     ``jax.debug.print`` is skipped. ``jnp.isfinite`` of a formula that is finite for all finite
     real inputs is true; otherwise it stays ``isfinite(u)`` (``log(x)`` is infinite at 0, and
-    ``exp(x)`` overflows). Integer
+    ``exp(x)`` overflows); an ``isnan``/``isinf`` test (``==``/``!=``) of a formula sympy cannot
+    prove a finite real is refused (folding it would drop a NaN guard from the formula). Integer
     bitwise operations have no rule. Arrays may have at most 1024 elements.
 
     Args:

@@ -558,3 +558,20 @@ def test_a_nan_or_inf_guard_is_refused_not_dropped_from_the_formula():
 def test_complex_infinity_folded_while_tracing_evaluates_to_nan():
     for f in (lambda x: x / (x - x), lambda x: jnp.log(x - x)):
         assert np.isnan(expression(f, 2.0).evaluate(2.0))
+
+
+def test_stack_and_remainders_have_formulas_that_evaluate_like_the_function():
+    # jnp.stack is its own primitive; % and fmod use XLA's rem (the dividend's sign). Both
+    # had no rule ("primitive 'stack' has no symbolic rule").
+    points = [-3.5, -2.0, -0.5, 0.0, 0.5, 3.5, 4.0]
+    functions = [
+        lambda x: jnp.stack([x, x**2]),
+        lambda x: x % 2.0,
+        lambda x: jnp.fmod(x, 2.0),
+        lambda x: jnp.remainder(x, -1.5),
+    ]
+    for f in functions:
+        e = expression(f, 1.0)
+        for point in points:
+            np.testing.assert_allclose(e.evaluate(point), f(point), atol=1e-6)
+    assert str(expression(lambda x: jnp.stack([x, x**2]), 2.0)) == "[x, x**2]"
