@@ -289,7 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs ``gradkit check``; returns the exit status (0 all pass, 1 a check failed, 2 usage)."""
+    """Runs ``gradkit check``; returns the exit status (0 all pass, 1 a check failed, 2 a target
+    could not be resolved or another usage error; the resolvable targets are checked anyway)."""
     overrides: dict[str, Any] = {}
     for key in ("method", "order", "seed"):
         if getattr(args, key, None) is not None:
@@ -304,12 +305,17 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        functions = [pair for target in args.targets for pair in resolve(target)]
-    except TargetError as error:
-        print(f"gradkit check: {error}", file=sys.stderr)
-        return 2
-    results, failures = [], 0
+    # Every target is resolved and every resolvable one checked, so that one bad target does
+    # not hide the others' results; the bad ones still make the exit status 2.
+    functions, results, unresolved = [], [], 0
+    for target in args.targets:
+        try:
+            functions += resolve(target)
+        except TargetError as error:
+            print(f"gradkit check: {error}", file=sys.stderr)
+            results.append({"target": target, "error": f"TargetError: {error}", "ok": False})
+            unresolved += 1
+    failures = 0
     for name, function in functions:
         print(f"== {name}")
         try:
@@ -329,4 +335,7 @@ def main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     passed = len(functions) - failures
     print(f"\n{passed} of {len(functions)} gradient check(s) passed.")
+    if unresolved:
+        print(f"{unresolved} target(s) could not be resolved (see above).")
+        return 2
     return 0 if failures == 0 else 1

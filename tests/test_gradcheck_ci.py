@@ -305,3 +305,17 @@ def test_an_object_that_takes_no_attributes_is_refused_with_a_wrapper_hint():
 
     with pytest.raises(TypeError, match=r"cannot mark .* wrap it in a function"):
         gradcheck_target(lambda: jnp.ones(3))(get("tanh"))
+
+
+def test_a_bad_target_does_not_hide_the_others(targets_file, capsys, tmp_path):
+    report_path = tmp_path / "r.json"
+    status = cli.main(
+        ["check", f"{targets_file}::good", "no_such_module_xyz:f", "--json", str(report_path)]
+    )
+    assert status == 2  # a usage error still decides the status
+    out = capsys.readouterr()
+    assert "cannot import module 'no_such_module_xyz'" in out.err
+    assert "check_grads(good): PASS" in out.out
+    results = json.loads(report_path.read_text())
+    assert [r["ok"] for r in results] == [False, True]
+    assert "no_such_module_xyz" in results[0]["error"]
