@@ -288,6 +288,7 @@ def jacobian(
     *,
     mode: str = "auto",
     has_aux: bool = False,
+    holomorphic: bool = False,
 ) -> Callable:
     r"""Returns a function computing the Jacobian of ``f``, in forward or reverse mode.
 
@@ -309,6 +310,8 @@ def jacobian(
       mode: ``"auto"`` (the rule above), ``"forward"`` or ``"reverse"``.
       has_aux: ``f`` returns ``(output, aux)``; the Jacobian function then returns
         ``(jacobian, aux)``.
+      holomorphic: ``f`` is holomorphic in complex inputs (as for ``jax.jacfwd``): needed to
+        differentiate complex arguments, whose Jacobian is then complex.
 
     Returns:
       A function with ``f``'s signature returning the Jacobian (a tuple over ``argnums`` when
@@ -348,7 +351,9 @@ def jacobian(
                 _size(_selected(args, argnums)), _output_size(f, args, kwargs, argnums, has_aux)
             )
         transform = jax.jacfwd if chosen == "forward" else jax.jacrev
-        return transform(f, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
+        return transform(f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic)(
+            *args, **kwargs
+        )
 
     return _named(jacobian_fn, f, "jacobian")
 

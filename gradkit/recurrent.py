@@ -948,7 +948,9 @@ class RNN:
       backwards: process the sequence from the end (Lasagne's name for ``reverse``).
       only_return_final: return only the output of the last step ``(batch, out)``; with a
         mask, of each sequence's last unmasked step, like Lasagne, whose masked steps carry
-        the hidden state forward (zero for a sequence masked throughout).
+        the hidden state forward. A sequence masked throughout gives zeros, whatever
+        ``initial_carry`` is (Lasagne returns its ``hid_init`` there: the same for the default
+        zero carry).
       unroll: passed to :func:`scan`.
 
     Raises:

@@ -520,3 +520,11 @@ def test_numpy_integer_argnums_and_complex_scalars_for_real_inputs():
     with pytest.raises(ValueError, match=r"v must match x .* v has complex64\[\]"):
         jvp(lambda a: a**2, 2.0, 1j)
     assert float(jvp(lambda a: a**2, 2.0, 1.0)) == 4.0
+
+
+def test_jacobian_of_a_holomorphic_function_of_complex_inputs():
+    # Complex inputs were accepted but jax's advice ("pass holomorphic=True") had no way in.
+    z = jnp.array([1.0 + 2.0j, -0.5j])
+    for mode in ("forward", "reverse", "auto"):
+        jac = jacobian(lambda a: a**2, mode=mode, holomorphic=True)(z)
+        np.testing.assert_allclose(jac, np.diag(2.0 * np.asarray(z)), rtol=1e-6)
