@@ -1280,8 +1280,10 @@ _elementwise_derivative_jit = jax.jit(_elementwise_derivative, static_argnums=(0
 
 def _check_params(activation: Activation, params: Mapping[str, Any]) -> None:
     accepted = _ACCEPTED_PARAMS.get(activation.name)
-    if accepted is None:
-        return
+    if accepted is None:  # not a builtin: what its function's signature takes, if it says
+        accepted = _keyword_parameters(activation.function)
+        if accepted is None:
+            return
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(

@@ -893,3 +893,17 @@ def test_a_surrogate_without_a_peak_says_how_to_get_a_saturation_mask():
         with_surrogate_grad(jnp.sign, "sigmoid").saturation_mask(jnp.array([0.0, 9.0])),
         [False, True],
     )
+
+
+def test_binding_a_parameter_a_custom_activation_does_not_take_is_refused():
+    def scaled(x, alpha=1.0):
+        return alpha * x
+
+    custom = activations.Activation("scaled_for_test", scaled)
+    np.testing.assert_allclose(get(custom, alpha=2.0)(jnp.ones(2)), [2.0, 2.0])
+    # Was accepted, and failed only when called.
+    with pytest.raises(ValueError, match=r"'scaled_for_test' takes no parameter\(s\) \['beta'\]"):
+        get(custom, beta=2.0)
+    # A function taking **params binds anything, as before.
+    loose = activations.Activation("loose_for_test", lambda x, **params: x)
+    assert get(loose, anything=1.0).params == (("anything", 1.0),)
