@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -173,7 +174,15 @@ def _attribute(module: ModuleType, dotted: str, target: str) -> Callable:
     obj: Any = module
     for part in dotted.split("."):
         if not hasattr(obj, part):
-            raise TargetError(f"{target}: {module.__name__} has no attribute {dotted!r}")
+            # A file is imported under an internal module name: show its path instead.
+            where = (
+                module.__file__
+                if module.__name__.startswith("_gradkit_check_") and module.__file__
+                else module.__name__
+            )
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("__")])
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TargetError(f"{target}: {where} has no attribute {dotted!r}{hint}")
         obj = getattr(obj, part)
     return obj
 

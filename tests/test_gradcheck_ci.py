@@ -153,7 +153,11 @@ def test_bad_targets_exit_2_with_a_message(targets_file, capsys):
     assert cli.main(["check", f"{targets_file}::undecorated"]) == 2
     assert "not decorated with @gradkit.gradcheck_target" in capsys.readouterr().err
     assert cli.main(["check", f"{targets_file}::missing"]) == 2
-    assert "has no attribute 'missing'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The file's path, not the internal module name it is imported under.
+    assert f"{targets_file} has no attribute 'missing'" in err and "_gradkit_check_" not in err
+    assert cli.main(["check", f"{targets_file}::goood"]) == 2
+    assert "did you mean 'good'?" in capsys.readouterr().err
     assert cli.main(["check", "no_such_module_xyz:f"]) == 2
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
     assert cli.main(["check", "no/such/file.py"]) == 2
