@@ -1832,6 +1832,25 @@ def _join_batches(batches: Collection[Any]) -> tuple[Any, ...]:
     return tuple(jax.tree_util.tree_unflatten(structure, joined))
 
 
+def non_finite_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """``(path, values)`` for each floating leaf of ``tree`` holding NaN or Inf, on the host.
+
+    ``path`` is the leaf's ``jax.tree_util.keystr``; ``values`` the leaf as a NumPy array (in
+    float32 for bfloat16 and the other ml_dtypes, which NumPy cannot test). Integer, boolean
+    and PRNG-key leaves are skipped.
+    """
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        array = np.asarray(jax.device_get(leaf))
+        if array.dtype.kind not in "fc":
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            found.append((jax.tree_util.keystr(path), array))
+    return found
+
+
 def _strong_array(leaf: Any) -> jax.Array:
     """``leaf`` as a JAX array without a weak type, so ``jnp.full(n, 0.1)`` and a float32 array
     of the same shape share one compiled analysis."""

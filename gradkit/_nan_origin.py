@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
+from gradkit._health import non_finite_leaves
 from gradkit._locate import SourceLocation
 
 try:  # user_frames is not re-exported by jax.extend; fall back to no call chain without it.
@@ -208,25 +208,17 @@ class NanOriginReport:
 def _non_finite_inputs(args: tuple[Any, ...]) -> tuple[str, ...]:
     """``"args[i]...: counts, first at index"`` for each argument leaf holding NaN or Inf."""
     found = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):  # ints, bools, PRNG keys
-            continue
-        array = np.asarray(leaf)
-        if array.dtype.kind not in "fc":  # bfloat16 and the other ml_dtypes
-            array = array.astype(np.float32)
-        bad = ~np.isfinite(array)
-        if not bad.any():
-            continue
+    for path, array in non_finite_leaves(args):
         counts = []
         nan = int(np.isnan(array).sum())
         posinf, neginf = int((array == np.inf).sum()), int((array == -np.inf).sum())
         for count, what in ((nan, "NaN"), (posinf, "+Inf"), (neginf, "-Inf")):
             if count:
                 counts.append(f"{count} {what}")
-        where = tuple(int(i) for i in np.argwhere(bad)[0]) if array.ndim else ()
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0]) if array.ndim else ()
         at = f", first at index {where}" if array.ndim else ""
         found.append(
-            f"args{jax.tree_util.keystr(path)} ({array.dtype.name}{list(array.shape)}): "
+            f"args{path} ({array.dtype.name}{list(array.shape)}): "
             f"{', '.join(counts)} of {array.size}{at}"
         )
     return tuple(found)

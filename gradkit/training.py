@@ -1240,16 +1240,7 @@ def _queue_depth(platform: str, state_bytes: int) -> tuple[int, int]:
 
 def _non_finite_paths(params: PyTree) -> list[str]:
     """The pytree paths of the float leaves of ``params`` holding NaN or Inf (on the host)."""
-    bad = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-        array = np.asarray(leaf)
-        if not jnp.issubdtype(array.dtype, jnp.inexact):
-            continue
-        if array.dtype.kind not in "fc":  # bfloat16 and the other ml_dtypes
-            array = array.astype(np.float32)
-        if not np.isfinite(array).all():
-            bad.append(jax.tree_util.keystr(path))
-    return bad
+    return [path for path, _ in _health.non_finite_leaves(params)]
 
 
 class _Pending(NamedTuple):
