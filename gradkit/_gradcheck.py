@@ -1805,6 +1805,9 @@ def check_grads(
             dtype=str(problem.dtype),
             reference_dtype=str(reference_dtype),
             skipped=list(dict.fromkeys(problem.skipped)),
+            matmul_precision=matmul_precision,
+            reduced_matmuls=matmul_precision is None
+            and _reduced_matmul_default(str(problem.dtype)),
         )
         if locate and verdict == "fail" and failing_problem is not None:
             from gradkit._locate import locate_gradient_error
@@ -1817,8 +1820,6 @@ def check_grads(
                 report.location = locate_gradient_error(
                     failing_problem.f, *failing_problem.args, seed=seed
                 )
-    report.matmul_precision = matmul_precision
-    report.reduced_matmuls = matmul_precision is None and _reduced_matmul_default(report.dtype)
     return report
 
 
