@@ -28,7 +28,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from gradkit import _probe
+from gradkit import _platform, _probe
 from gradkit import activations as _activations
 
 try:  # public since JAX 0.4.36; Flax uses it the same way, to tell trace levels apart
@@ -225,9 +225,22 @@ def _histogram_bins(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _histogram(x: jax.Array) -> jax.Array:
+    """The counts of :func:`_histogram_bins`: a scatter-add on a CPU (one add per entry); on
+    other platforms a comparison of every entry with every bin, summed (a scatter-add there
+    is an atomic add per entry, most of them into the same few bins)."""
     index, counted = _histogram_bins(x)
-    counts = jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32)
-    return counts.at[index.ravel()].add(counted.ravel().astype(jnp.int32))
+    index, counted = index.ravel(), counted.ravel()
+
+    def scatter(index, counted):
+        counts = jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32)
+        return counts.at[index].add(counted.astype(jnp.int32))
+
+    def compare(index, counted):
+        bins = jnp.arange(len(HISTOGRAM_EXPONENTS), dtype=index.dtype)
+        hits = (index[:, None] == bins) & counted[:, None]
+        return jnp.sum(hits, axis=0, dtype=jnp.int32)
+
+    return _platform.cpu_or_accelerator(scatter, compare, index, counted)
 
 
 #: Inside a rarely taken branch, the statistics of about this many gradient entries at a time
@@ -476,13 +489,21 @@ def _leaf_stats(
     """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
+
+    def exact(x, param, update):
+        stats, *norms = _exact_leaf_stats(
+            x, *(leaf for leaf in (param, update) if leaf is not None)
+        )
+        norms = iter(norms)
+        param_norm = next(norms) if param is not None else None
+        update_norm = next(norms) if update is not None else None
+        return stats, param_norm, update_norm
+
     if branch and x.size > FAST_PATH_MIN_SIZE:
-        return _fast_leaf_stats(x, param, update)
-    stats, *norms = _exact_leaf_stats(x, *(leaf for leaf in (param, update) if leaf is not None))
-    norms = iter(norms)
-    param_norm = next(norms) if param is not None else None
-    update_norm = next(norms) if update is not None else None
-    return stats, param_norm, update_norm
+        # The fast path's cond costs a GPU a round trip to the host (gradkit._platform);
+        # there the exact path's extra passes are the cheaper choice.
+        return _platform.cpu_or_accelerator(_fast_leaf_stats, exact, x, param, update)
+    return exact(x, param, update)
 
 
 _FLOAT_FIELDS = (
@@ -616,7 +637,6 @@ def _packed_stats(
     for i in range(n):
         key = group_key(i)
         groups.setdefault(("single", i) if key is None else key, []).append(i)
-    pieces, order = [], []  # per group: (rows, counts, histograms) with a leading leaf axis
 
     def group_stats(indices, g, p, u):
         if len(indices) == 1:
@@ -636,15 +656,19 @@ def _packed_stats(
     # counts (never negative, which XLA cannot know), so that only one run's temporaries are
     # live at a time. A cond per run rather than per leaf: each is compiled as a program of its
     # own, with its own copy of the updates' computation when they come as a function.
-    run_size = max(SEQUENCE_ELEMENTS, -(-sum(g.size for g in grad_leaves) // MAX_SEQUENCE_RUNS))
-    runs: list[list[list[int]]] = [[]]
-    size = 0
-    for indices in groups.values():
-        if runs[-1] and (branch or size >= run_size):
-            runs.append([])
-            size = 0
-        runs[-1].append(indices)
-        size += sum(grad_leaves[i].size for i in indices)
+    # The runs are for XLA:CPU's temporary buffer; on other platforms a cond costs a round trip
+    # to the host (gradkit._platform), so the branch is one run there.
+    def split(in_runs):
+        run_size = max(SEQUENCE_ELEMENTS, -(-sum(g.size for g in grad_leaves) // MAX_SEQUENCE_RUNS))
+        runs: list[list[list[int]]] = [[]]
+        size = 0
+        for indices in groups.values():
+            if runs[-1] and (branch or (in_runs and size >= run_size)):
+                runs.append([])
+                size = 0
+            runs[-1].append(indices)
+            size += sum(grad_leaves[i].size for i in indices)
+        return runs
 
     def run_stats(run, inputs):
         if updates_fn is not None:
@@ -656,51 +680,61 @@ def _packed_stats(
         return [group_stats(indices, *args) for indices, args in zip(run, inputs, strict=True)]
 
     given_updates = [None] * n if updates_fn is not None else update_leaves
-    previous = None
-    for run in runs:
-        inputs = [
-            tuple(
-                [leaves[i] for i in indices]
-                for leaves in (grad_leaves, param_leaves, given_updates)
-            )
-            for indices in run
-        ]
-        compute = functools.partial(run_stats, run)
-        if previous is None:
-            outs = compute(inputs)
-        else:
-            shapes = jax.eval_shape(compute, inputs)
-            outs = lax.cond(
-                previous,
-                compute,
-                lambda _, shapes=shapes: jax.tree.map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), shapes
-                ),
-                inputs,
-            )
-        if not branch:
-            previous = jnp.all(jnp.concatenate([out[1].ravel() for out in outs]) >= 0)
-        for indices, out in zip(run, outs, strict=True):
-            pieces.append(out)
-            order.extend(indices)
-    # Back to leaf order: one static gather per array, not a slice per leaf.
-    in_order = order == sorted(order)
-    position = np.argsort(order)
 
-    def joined(k):
-        parts = [piece[k] for piece in pieces]
-        whole = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-        return whole if in_order else whole[position]
+    def packed_arrays(in_runs):
+        pieces, order = [], []  # per group: (rows, counts, histograms) with a leading leaf axis
+        previous = None
+        for run in split(in_runs):
+            inputs = [
+                tuple(
+                    [leaves[i] for i in indices]
+                    for leaves in (grad_leaves, param_leaves, given_updates)
+                )
+                for indices in run
+            ]
+            compute = functools.partial(run_stats, run)
+            if previous is None:
+                outs = compute(inputs)
+            else:
+                shapes = jax.eval_shape(compute, inputs)
+                outs = lax.cond(
+                    previous,
+                    compute,
+                    lambda _, shapes=shapes: jax.tree.map(
+                        lambda s: jnp.zeros(s.shape, s.dtype), shapes
+                    ),
+                    inputs,
+                )
+            if not branch:
+                previous = jnp.all(jnp.concatenate([out[1].ravel() for out in outs]) >= 0)
+            for indices, out in zip(run, outs, strict=True):
+                pieces.append(out)
+                order.extend(indices)
+        # Back to leaf order: one static gather per array, not a slice per leaf.
+        in_order = order == sorted(order)
+        position = np.argsort(order)
 
+        def joined(k):
+            parts = [piece[k] for piece in pieces]
+            whole = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+            return whole if in_order else whole[position]
+
+        return _Packed(
+            floats=joined(0), counts=joined(1), histograms=joined(2) if histogram else None
+        )
+
+    if branch or len(split(True)) == 1:
+        packed = packed_arrays(True)
+    else:
+        packed = _platform.cpu_or_accelerator(
+            lambda: packed_arrays(True), lambda: packed_arrays(False)
+        )
     layout = _Layout(
         treedef=jax.tree_util.tree_structure(grads),
         dtypes=dtypes,
         with_params=params is not None,
         with_updates=updates is not None,
         histogram=histogram,
-    )
-    packed = _Packed(
-        floats=joined(0), counts=joined(1), histograms=joined(2) if histogram else None
     )
     return layout, packed
 
@@ -859,8 +893,10 @@ def health_monitor(
 
     Every ``every`` updates (the first one included) it computes :func:`gradient_stats` of the
     incoming gradients and stores them in :attr:`HealthMonitorState.stats`; in between it keeps
-    the previous statistics. The choice is made inside the compiled step with :func:`jax.lax.cond`,
-    so there is no host synchronisation and nothing to recompile.
+    the previous statistics. The choice is made inside the compiled step, so there is nothing to
+    recompile: on a CPU with :func:`jax.lax.cond`, so the other steps skip the work; on a GPU or
+    TPU, where a cond costs a round trip to the host, the statistics are computed every step
+    and kept when due.
 
     Without ``inner`` the transformation passes the updates through unchanged (put it first in an
     ``optax.chain`` to see the raw gradients). With ``inner`` it wraps that optimiser: its output
@@ -877,10 +913,11 @@ def health_monitor(
     "Training loop and health monitoring"); so does ``gradkit.training.fit(...,
     health_every=k)``, which gates on the host.
 
-    On a GPU the cond itself is the cost for a small, fast step: on an NVIDIA H200 the
-    784-512-512-10 MLP's step took about twice as long with ``every=100`` (+103%) as without, more
-    than with ``every=1`` (+83%). There, gate on the host: ``fit(..., health_every=k)``, or two
-    compiled steps, one with the monitor (``every=1``) and one without, chosen by the loop.
+    On a GPU the statistics' kernels cost a small, fast step dearly: on an NVIDIA H200 the
+    784-512-512-10 MLP's step, bound by the host's launches, took +69% with ``every=1`` and +65%
+    with ``every=100`` (+82% with a cond). There, gate on the host: ``fit(...,
+    health_every=k)``, or two compiled steps, one with the monitor (``every=1``) and one
+    without, chosen by the loop.
 
     Args:
       every: compute the statistics on updates 0, k, 2k, ... (a positive int).
@@ -983,15 +1020,33 @@ def health_monitor(
             new_updates, inner_state = inner_update(grads, state.inner_state, params)
             packed = compute(new_updates, branch=True)
         else:
-            packed = lax.cond(due, compute_from_inputs, lambda: state.packed)
-            # The optimiser's update reads its inputs through this barrier, so it runs after the
-            # cond: the cond then reads the gradients, parameters and optimiser state while the
-            # update needs them anyway, instead of keeping them alive after it (which cost the
-            # benchmark MLP's training step 1 to 3% on XLA:CPU).
-            grads, params, inner_state, packed = lax.optimization_barrier(
-                (grads, params, state.inner_state, packed)
+
+            def cpu_gate(grads, params, inner_state):
+                packed = lax.cond(due, compute_from_inputs, lambda: state.packed)
+                # The optimiser's update reads its inputs through this barrier, so it runs
+                # after the cond: the cond then reads the gradients, parameters and optimiser
+                # state while the update needs them anyway, instead of keeping them alive after
+                # it (which cost the benchmark MLP's training step 1 to 3% on XLA:CPU).
+                grads, params, inner_state, packed = lax.optimization_barrier(
+                    (grads, params, inner_state, packed)
+                )
+                return packed, *inner_update(grads, inner_state, params)
+
+            def accelerator_gate(grads, params, inner_state):
+                # A cond costs a round trip to the host on every step (gradkit._platform):
+                # compute the statistics every step and keep them when due (on an H200, +65%
+                # per step for the benchmark MLP against +82% with the cond).
+                new_updates, inner_state = inner_update(grads, inner_state, params)
+                packed = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(due, new, old),
+                    compute(new_updates, branch=True),
+                    state.packed,
+                )
+                return packed, new_updates, inner_state
+
+            packed, new_updates, inner_state = _platform.cpu_or_accelerator(
+                cpu_gate, accelerator_gate, grads, params, state.inner_state
             )
-            new_updates, inner_state = inner_update(grads, inner_state, params)
         stats_step = jnp.where(due, state.count, state.stats_step)
         new_state = HealthMonitorState(
             count=state.count + 1,

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gradkit import _checkpoint, _health
+from gradkit import _checkpoint, _health, _platform
 
 __all__ = [
     "History",
@@ -259,8 +259,10 @@ def global_norm(tree: PyTree) -> jax.Array:
     computed first and used when it lies in
     :math:`[\sqrt{\mathrm{tiny}}, \infty)` (then entries lost to underflow change it by less
     than :math:`n\sqrt{\mathrm{tiny}}` relatively); otherwise the scaled form is evaluated, in a
-    ``lax.cond``, so the common case costs one pass over the leaves. Inf anywhere gives inf, NaN
-    anywhere gives NaN. Half-precision leaves are summed in float32.
+    ``lax.cond`` on a CPU, so the common case costs one pass over the leaves there (on other
+    platforms, where a cond costs a round trip to the host, both are computed and one is
+    selected). Inf anywhere gives inf, NaN anywhere gives NaN. Half-precision leaves are summed
+    in float32.
 
     Args:
       tree: a pytree of arrays (empty leaves are skipped; a complex entry counts with its
@@ -295,7 +297,13 @@ def global_norm(tree: PyTree) -> jax.Array:
         total = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
         return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(total), largest)
 
-    return jax.lax.cond(safe, lambda leaves: jnp.sqrt(plain), scaled, leaves)
+    # On a CPU the scaled pass runs only when needed; elsewhere a cond costs a round trip to the
+    # host every step (gradkit._platform), and the extra pass is cheap.
+    return _platform.cpu_or_accelerator(
+        lambda leaves: jax.lax.cond(safe, lambda leaves: jnp.sqrt(plain), scaled, leaves),
+        lambda leaves: jnp.where(safe, jnp.sqrt(plain), scaled(leaves)),
+        leaves,
+    )
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -473,7 +481,9 @@ _RESERVED_METRICS = ("loss", "grad_norm", "health")
 
 def _gated_health(due: jax.Array, grads: PyTree, params: PyTree, updates: PyTree) -> PyTree:
     """:func:`gradkit.diagnostics.gradient_stats` when ``due``, zeros of the same structure
-    otherwise; the choice is made on the device (``lax.cond``), so skipped steps cost nothing."""
+    otherwise; the choice is made on the device: a ``lax.cond`` on a CPU, so skipped steps cost
+    little; elsewhere, where a cond costs a round trip to the host, the statistics are
+    computed every step and selected."""
 
     def compute() -> PyTree:
         # The exact, cond-free statistics, leaf after leaf (``branch=False``): what a rarely
@@ -484,7 +494,13 @@ def _gated_health(due: jax.Array, grads: PyTree, params: PyTree, updates: PyTree
         shapes = jax.eval_shape(compute)
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    return jax.lax.cond(due, compute, skip)
+    def select() -> PyTree:
+        return jax.tree_util.tree_map(
+            lambda value: jnp.where(due, value, jnp.zeros_like(value)),
+            _health.gradient_stats(grads, params, updates),
+        )
+
+    return _platform.cpu_or_accelerator(lambda: jax.lax.cond(due, compute, skip), select)
 
 
 def _validate_step_arguments(loss_fn: Any, optimizer: Any, clip_global_norm: float | None) -> None:
@@ -530,9 +546,10 @@ def make_train_step(
         ``clip_global_norm`` cannot hide an exploding layer), params and the updates applied
         (underflow-safe norms, NaN/Inf counts, log2-magnitude histograms, update/param ratios),
         computed inside the step when ``state.step`` (before the update) is a multiple of k and
-        zeros otherwise. The gate is a :func:`jax.lax.cond` evaluated on the device: no retrace,
-        and on a CPU the other steps cost about what a plain step does (on a GPU a cond in a
-        small step is expensive, see :func:`gradkit.diagnostics.health_monitor`; :func:`fit`
+        zeros otherwise. The gate is evaluated on the device, so nothing retraces: on a CPU a
+        :func:`jax.lax.cond`, and the other steps cost about what a plain step does; on a GPU
+        or TPU the statistics are computed every step and kept when due (a cond costs a round
+        trip to the host there; see :func:`gradkit.diagnostics.health_monitor`; :func:`fit`
         gates on the host). For any other optax loop, use
         :func:`gradkit.diagnostics.health_monitor`.
 

@@ -760,15 +760,21 @@ def test_monitor_branch_runs_before_the_optimizer_update():
     # With every > 1 the inner optimiser reads its inputs through an optimisation barrier
     # placed after the statistics' cond, so the cond does not keep the gradients alive after
     # the update (which slows every training step on XLA:CPU, monitored or not).
+    # (On other platforms there is no cond to order: see tests/test_accelerator_paths.py.)
     params = {"w": jnp.ones(4), "b": jnp.ones(2)}
     tx = health_monitor(every=5, inner=optax.adam(1e-3))
     closed = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-    eqns = closed.jaxpr.eqns
+    (switch,) = [e for e in closed.jaxpr.eqns if e.params.get("branches_platforms")]
+    cpu = switch.params["branches"][switch.params["branches_platforms"].index(("cpu",))].jaxpr
+    eqns = cpu.eqns
     names = [e.primitive.name for e in eqns]
     cond, barrier = names.index("cond"), names.index("optimization_barrier")
     assert cond < barrier
     assert set(eqns[cond].outvars) <= set(eqns[barrier].invars)
-    grads = closed.jaxpr.invars[:2]
+    # The branch's inputs are the switch's, less the platform index.
+    outer = closed.jaxpr.invars[:2]  # the gradients
+    grads = [b for b, v in zip(cpu.invars, switch.invars[1:], strict=True) if v in outer]
+    assert len(grads) >= 2  # (closed over by the cond, and passed in)
     later = [v for e in eqns[barrier + 1 :] for v in e.invars]
     assert not any(v is g for v in later for g in grads)
 
