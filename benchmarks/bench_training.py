@@ -27,7 +27,9 @@ pairs ``fit`` with the hand-written loop + grad norm the same way (``--fit-round
 rounds), and also with two hand-written loops that shuffle like ``fit`` on arrays: one gathering
 each batch inside the step from a ``jax.random.permutation`` per epoch, as ``fit`` does, and one
 indexing the arrays with a NumPy permutation on the host, the loop most people port from
-PyTorch. A fifth, from the same rounds, gives ``fit(..., health_every=100)`` and
+PyTorch, and ``fit(..., steps_per_call=16)`` on arrays and on the iterable, which runs 16 steps
+per call of its compiled program (the rounds then time a multiple of 16 steps, scaled to
+``--block``). A fifth, from the same rounds, gives ``fit(..., health_every=100)`` and
 ``health_every=1`` relative to ``fit`` without them. Both paired tables include an A/A control:
 the reference loop compiled a second time and run as a variant of its own. On a quiet machine
 its ratio would be exactly 1; its median and quartiles show how far this method's figures move
@@ -84,6 +86,8 @@ from gradkit.layers import MLP
 from gradkit.training import fit
 
 BATCH = 128
+# Steps per call of fit's steps_per_call variants.
+CALL = 16
 # Steps fit runs past the timed ones (see timed_fit).
 _TAIL_STEPS = 4
 SIZES = [784, 512, 512, 10]
@@ -271,16 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     def hand_written_norm(steps: int, warmup: int = 0) -> float:
         return hand_loop(steps, warmup, with_norm=True)
 
-    def timed_fit(data, batch_size, steps: int, warmup: int, health_every=None) -> float:
+    def timed_fit(
+        data, batch_size, steps: int, warmup: int, health_every=None, steps_per_call=1
+    ) -> float:
         # Both ends of the clock are callbacks, which fit runs when it has read a step's
         # metrics: at step ``warmup`` and at step ``warmup + steps``, so the interval is the
         # time the steps in between took, with the same read-back lag at both ends. fit takes
         # a few steps more so that the last timed one runs with steps queued behind it, as in
         # the middle of a run, and its end-of-run work is not timed.
+        # With steps_per_call=k the callbacks run at the end of each call: both ends are then
+        # rounded to multiples of k and the time scaled to ``steps``.
+        timed = steps
+        if steps_per_call > 1:
+            warmup = -(-warmup // steps_per_call) * steps_per_call
+            timed = max(1, round(steps / steps_per_call)) * steps_per_call
         marks: dict[int, float] = {0: time.perf_counter()}  # without warm-up: from the call
 
         def clock(step, state, metrics):
-            if step in (warmup, warmup + steps):
+            if step in (warmup, warmup + timed):
                 marks[step] = time.perf_counter()
 
         state, _ = fit(
@@ -288,14 +300,15 @@ def main(argv: list[str] | None = None) -> int:
             params,
             data,
             optimizer,
-            steps=warmup + steps + _TAIL_STEPS,
+            steps=warmup + timed + _TAIL_STEPS * steps_per_call,
             batch_size=batch_size,
             callbacks=[clock],
             progress=False,
             health_every=health_every,
+            steps_per_call=steps_per_call,
         )
         jax.block_until_ready(state)
-        return marks[warmup + steps] - marks[warmup]
+        return (marks[warmup + timed] - marks[warmup]) * steps / timed
 
     def fit_arrays(steps: int, warmup: int = 0) -> float:
         return timed_fit((x, y), BATCH, steps, warmup)
@@ -484,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             "hand-written loop + grad norm, shuffled with NumPy": hand_runner("numpy"),
             "fit (arrays)": lambda steps: fit_arrays(steps, args.warmup),
             "fit (iterable)": lambda steps: fit_iterable(steps, args.warmup),
+            f"fit (arrays), steps_per_call={CALL}": lambda steps: timed_fit(
+                (x, y), BATCH, steps, args.warmup, steps_per_call=CALL
+            ),
+            f"fit (iterable), steps_per_call={CALL}": lambda steps: timed_fit(
+                device_batches, None, steps, args.warmup, steps_per_call=CALL
+            ),
             "fit (arrays), health_every=100": lambda steps: timed_fit(
                 (x, y), BATCH, steps, args.warmup, health_every=100
             ),
@@ -516,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             ("hand-written loop + grad norm, shuffled with NumPy", batches),
             ("fit (arrays)", batches),
             ("fit (iterable)", batches),
+            (f"fit (arrays), steps_per_call={CALL}", batches),
+            (f"fit (iterable), steps_per_call={CALL}", batches),
             ("fit (arrays)", "hand-written loop + grad norm, shuffled on the device"),
             ("fit (arrays)", "hand-written loop + grad norm, shuffled with NumPy"),
         ]

@@ -996,6 +996,7 @@ def fit(
     clip_global_norm: float | None = None,
     check_dtypes: bool = True,
     health_every: int | None = None,
+    steps_per_call: int = 1,
 ) -> tuple[TrainState, History]:
     """Trains ``params`` to minimise ``loss_fn`` with ``optimizer``; returns ``(state, history)``.
 
@@ -1082,6 +1083,20 @@ def fit(
         the step number on the host, so it compiles the step twice, with and without the
         statistics, and runs the plain one in between: those steps cost exactly what they cost
         without monitoring (a device-side ``lax.cond`` would keep XLA from fusing the update).
+      steps_per_call: run this many steps per call of the compiled program, in a
+        :func:`jax.lax.scan` (default 1). On a GPU, where launching a step of a small model
+        takes the host longer than the device takes to run it, this is what makes ``fit``
+        faster than a loop that launches one step at a time (README, "On a GPU"). Calls start
+        at steps that are multiples of k; steps outside such a run of k (after resuming from
+        another step, at the end) run one by one, with a second compiled program. The history
+        keeps every step's metrics, but ``eval_fn``, callbacks and checkpoints see the state
+        only at the end of each call: callbacks run once per call, for its last step, and
+        ``eval_every`` and ``checkpoint_every`` must be multiples of k. A non-finite loss stops
+        the run at its own step as usual (the steps of its call before it are replayed one by
+        one from the call's start to rebuild the error's state). Not with ``health_every`` or
+        data parallelism. The states equal those of ``steps_per_call=1`` up to rounding (XLA
+        may compile the scanned step differently); a run resumed from a checkpoint at a
+        multiple of k ends bit for bit as the uninterrupted run with the same k.
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` and the :class:`History` (including
@@ -1123,6 +1138,15 @@ def fit(
         keep_checkpoints = _positive_int(keep_checkpoints, "keep_checkpoints")
     if health_every is not None:
         health_every = _positive_int(health_every, "health_every")
+    steps_per_call = _positive_int(steps_per_call, "steps_per_call")
+    if steps_per_call > 1:
+        _check_steps_per_call(
+            steps_per_call,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            health_every=health_every,
+            parallel=mesh is not None or data_parallel,
+        )
 
     if mesh is None and data_parallel:
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -1208,12 +1232,41 @@ def fit(
         progress=progress,
         health_every=health_every,
         health_layout=health_layout,
+        steps_per_call=steps_per_call,
     )
     try:
         return run.execute()
     finally:
         if writer is not None:
             writer.close()
+
+
+def _check_steps_per_call(
+    k: int,
+    *,
+    eval_every: int | None,
+    checkpoint_every: int | None,
+    health_every: int | None,
+    parallel: bool,
+) -> None:
+    """Refuses the options that need a state inside a call of ``k`` steps, before any work."""
+    for name, every in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if every is not None and every % k:
+            raise ValueError(
+                f"{name}={every} is not a multiple of steps_per_call={k}: the state exists on "
+                f"the host only at the end of each call of {k} steps; use a multiple of {k}, "
+                "or steps_per_call=1"
+            )
+    if health_every is not None:
+        raise ValueError(
+            f"health_every cannot be combined with steps_per_call={k}: the monitored step is a "
+            "separate program chosen on the host per step; use steps_per_call=1"
+        )
+    if parallel:
+        raise ValueError(
+            f"steps_per_call={k} does not shard its stacked batches over a mesh; for data "
+            "parallelism (mesh= or data_parallel=True) use steps_per_call=1"
+        )
 
 
 # Steps launched and not yet handled on the host, at most. When there are this many, the host
@@ -1269,15 +1322,30 @@ class _Pending(NamedTuple):
     metrics: jax.Array  # the step's metrics, stacked in the order of _Run.metric_names
     health: Any  # the step's packed gradient statistics (health_every steps only)
     batch: PyTree | None  # the iterable's batch as given; None for array data (re-gathered)
+    # Steps in this call (steps_per_call): ``step`` is the last one's number, ``before`` the
+    # state before the first, ``metrics`` (steps, names) and ``batch`` a list of the batches.
+    steps: int = 1
 
 
 class _Run:
     """The host side of :func:`fit`: one object per call, holding the loop's state."""
 
     def __init__(
-        self, *, body, health_body, batches, state, history, total, epochs, mesh, **options
+        self,
+        *,
+        body,
+        health_body,
+        batches,
+        state,
+        history,
+        total,
+        epochs,
+        mesh,
+        steps_per_call=1,
+        **options,
     ):
         self.batches = batches
+        self.steps_per_call = steps_per_call
         self.history = history
         self.total = total
         self.epochs = epochs
@@ -1315,13 +1383,20 @@ class _Run:
         platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
         self.window_on_device = (
             platform != "cpu" if _WINDOW_ON_DEVICE is None else bool(_WINDOW_ON_DEVICE)
-        )
+        ) or steps_per_call > 1  # a call of several steps finds each one's window itself
         state_bytes = sum(
             leaf.nbytes for leaf in jax.tree_util.tree_leaves(state) if hasattr(leaf, "nbytes")
         )
         self.in_flight, self.per_read = _queue_depth(platform, state_bytes)
+        if steps_per_call > 1:
+            # The queue holds calls: as many steps ahead as with one step per call, but at
+            # least two calls, so that the device runs one while the host handles the other.
+            self.in_flight = max(2, -(-self.in_flight // steps_per_call))
+            self.per_read = max(1, self.in_flight // 2)
+        self.orders: tuple[int, jax.Array] | None = None  # (first epoch, stacked orders)
         self.stack_metrics = platform != "cpu" if _STACK_METRICS is None else bool(_STACK_METRICS)
         self.step_fn = self._compile(body)
+        self.call_fn = None if steps_per_call == 1 else self._compile_call(body, steps_per_call)
         # Steps whose number is a multiple of health_every run this one instead.
         self.health_step_fn = None if health_body is None else self._compile(health_body)
 
@@ -1349,6 +1424,37 @@ class _Run:
         if self.batches.arrays is None:
             return jax.jit(_constrained_step)
         return jax.jit(_windowed_step if self.window_on_device else _indexed_step)
+
+    def _compile_call(self, body, k: int):
+        """The jitted program of ``k`` steps in a ``lax.scan``: ``(state, *args) -> (state,
+        metrics of shape (k, names), None)``, on ``k`` stacked batches, or on the arrays and
+        the stacked orders of the epochs the call may span (see :meth:`_call_arguments`)."""
+
+        def scanned(state, steps_input, batch_of):
+            def one(state, step_input):
+                new_state, metrics, _ = self._constrained(body, state, batch_of(state, step_input))
+                return new_state, metrics
+
+            new_state, metrics = jax.lax.scan(one, state, steps_input, length=k)
+            return new_state, metrics, None
+
+        def _stacked_call(state: TrainState, batches: PyTree):
+            return scanned(state, batches, lambda state, batch: batch)
+
+        def _windowed_call(state: TrainState, arrays: PyTree, orders: jax.Array):
+            per_epoch, size = self.batches.steps_per_epoch, self.batches.batch_size
+            first_epoch = state.step // jnp.int32(per_epoch)
+
+            def batch_of(state, _):
+                epoch, index = jnp.divmod(state.step, jnp.int32(per_epoch))
+                order = orders[epoch - first_epoch]
+                return self._gather(arrays, order, index * jnp.int32(size))
+
+            return scanned(state, None, batch_of)
+
+        if self.batches.arrays is None:
+            return jax.jit(_stacked_call)
+        return jax.jit(_windowed_call)
 
     def _constrained(self, body, state: TrainState, batch: PyTree):
         if self.batch_sharding is not None:
@@ -1408,6 +1514,76 @@ class _Run:
             if limit is not None and step >= limit:
                 return
             yield (self._place(batch),), batch
+
+    def _calls(self) -> Iterator[tuple[int, tuple[Any, ...], Any]]:
+        """Yields ``(steps, arguments, batch)`` per call: one step (the arguments and batch of
+        :meth:`_step_inputs`), or ``steps_per_call`` steps starting at a multiple of it
+        (:meth:`_call_arguments`, and the list of their batches)."""
+        k = self.steps_per_call
+        if k == 1:
+            for args, batch in self._step_inputs():
+                yield 1, args, batch
+            return
+        number = self.start  # the step about to be taken (state.step before it)
+        group: list[tuple[tuple[Any, ...], Any]] = []
+        for args, batch in self._step_inputs():
+            if not group and number % k:
+                yield 1, args, batch  # up to the next multiple of k, one by one
+            else:
+                group.append((args, batch))
+                if len(group) == k:
+                    yield k, self._call_arguments(number + 1 - k, group), [b for _, b in group]
+                    group = []
+            number += 1
+        for args, batch in group:  # the data ended within a call's steps
+            yield 1, args, batch
+
+    def _call_arguments(self, first: int, group: list[tuple[tuple[Any, ...], Any]]):
+        """The arguments of the call of ``len(group)`` steps from step ``first`` on."""
+        if self.batches.arrays is None:
+            batches = [args[0] for args, _ in group]
+            host = all(
+                isinstance(leaf, np.ndarray | np.generic | int | float)
+                for leaf in jax.tree_util.tree_leaves(batches)
+            )
+            stack = np.stack if host else jnp.stack  # one copy to the device for host data
+            try:
+                return (jax.tree_util.tree_map(lambda *leaves: stack(leaves), *batches),)
+            except ValueError as error:
+                raise ValueError(
+                    f"steps_per_call={len(group)} stacks the batches of steps {first + 1} to "
+                    f"{first + len(group)}, and they differ in structure or shape ({error}); "
+                    "give batches of one shape, or use steps_per_call=1"
+                ) from error
+        # The orders of every epoch the call may span, stacked once per first epoch.
+        per_epoch = self.batches.steps_per_epoch
+        epoch = first // per_epoch
+        if self.orders is None or self.orders[0] != epoch:
+            count = (len(group) - 1) // per_epoch + 2
+            stacked = jnp.stack([self._epoch_order(epoch + i) for i in range(count)])
+            self.orders = (epoch, stacked)
+        return self.arrays, self.orders[1]
+
+    def _single(self, pending: _Pending, index: int) -> tuple[_Pending, _Pending | None]:
+        """Step ``index`` of a call of several steps, and the step before it within the call
+        (None for the first), as one-step records: their states replayed from the call's start
+        with the one-step program."""
+        first = pending.step - pending.steps  # state.step before the call
+        state, previous = pending.before, None
+        for i in range(index + 1):
+            step = first + i
+            if self.batches.arrays is None:
+                batch = pending.batch[i]
+                args = (self._place(batch),)
+            else:
+                batch = None
+                args = (self.arrays, self._epoch_order(step // self.batches.steps_per_epoch))
+            after, metrics, _ = self.step_fn(state, *args)
+            current = _Pending(step + 1, state, after, metrics, None, batch)
+            if i == index:
+                return current, previous
+            state, previous = after, current
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _passes(self, start: int):
         self.passed = 0  # batches the passes gave, skipped ones included
@@ -1479,13 +1655,15 @@ class _Run:
         step_fn, health_step_fn = self.step_fn, self.health_step_fn
         health_every = options["health_every"]
         try:
-            for args, batch in self._step_inputs():
-                if health_step_fn is not None and number % health_every == 0:
+            for steps, args, batch in self._calls():
+                if steps > 1:
+                    after, metrics, health = self.call_fn(carry, *args)
+                elif health_step_fn is not None and number % health_every == 0:
                     after, metrics, health = health_step_fn(carry, *args)
                 else:
                     after, metrics, health = step_fn(carry, *args)
-                number += 1
-                queue.append(_Pending(number, carry, after, metrics, health, batch))
+                number += steps
+                queue.append(_Pending(number, carry, after, metrics, health, batch, steps))
                 carry = after
                 if len(queue) >= self.in_flight:
                     self._consume(self.per_read, bar)
@@ -1537,7 +1715,11 @@ class _Run:
         """
         queue = self.queue
         block = [queue[i] for i in range(min(count, len(queue)))]
-        if self.stack_metrics and len(block) > 1:
+        if any(pending.steps > 1 for pending in block):
+            # Calls of several steps: one wait, then one read per call (not per step).
+            block[-1].metrics.block_until_ready()
+            rows = [np.asarray(pending.metrics).tolist() for pending in block]
+        elif self.stack_metrics and len(block) > 1:
             # On an accelerator each copy to the host costs about as much as launching a step
             # (an H200: ~150 us a step for per-step reads): the block's metrics are stacked on
             # the device and come back in one copy.
@@ -1549,11 +1731,20 @@ class _Run:
             block[-1].metrics.block_until_ready()
             rows = [np.asarray(pending.metrics).tolist() for pending in block]
         loss, grad_norm = self.metric_names.index("loss"), self.metric_names.index("grad_norm")
-        for pending, row in zip(block, rows, strict=True):
+        for pending, read in zip(block, rows, strict=True):
             queue.popleft()
-            if not (math.isfinite(row[loss]) and math.isfinite(row[grad_norm])):
-                raise self._non_finite_error(pending, row[loss], row[grad_norm], bar)
-            self._handle(pending, row, bar, run_callbacks)
+            rows = read if pending.steps > 1 else [read]
+            for index, row in enumerate(rows):
+                if not (math.isfinite(row[loss]) and math.isfinite(row[grad_norm])):
+                    if pending.steps > 1:
+                        # The state before this step exists only on the way through the call.
+                        pending, previous = self._single(pending, index)
+                        if previous is not None:
+                            self.consumed = previous
+                    raise self._non_finite_error(pending, row[loss], row[grad_norm], bar)
+                if index < len(rows) - 1:  # a step inside a call: its metrics only
+                    self._record(pending.step - len(rows) + 1 + index, row, None, bar)
+            self._handle(pending, rows[-1], bar, run_callbacks)
             if self.stopped:
                 return
 
@@ -1562,12 +1753,29 @@ class _Run:
         evaluation, callbacks, checkpoint."""
         options = self.options
         step = pending.step
+        values = self._record(step, row, pending.health, bar)
+        self.good = state = self._with_key(pending.after)
+        self.consumed = pending
+        eval_every = options["eval_every"]
+        if eval_every is not None and step % eval_every == 0:
+            values.update(self._evaluate(step))
+        if run_callbacks:
+            for callback in options["callbacks"]:
+                if _is_true(callback(step, state, dict(values))):
+                    self.stopped = True
+        every = options["checkpoint_every"]
+        if every is not None and step % every == 0:
+            self._save()
+
+    def _record(self, step: int, row: list[float], health: Any, bar: Any) -> dict[str, float]:
+        """A finished step's metrics into the history, the log and the progress bar."""
+        options = self.options
         values = dict(zip(self.metric_names, row, strict=True))
         writer = options["writer"]
-        if pending.health is not None:
+        if health is not None:
             # The statistics are of the gradient taken at the params before this update. One
             # transfer for the whole pytree, then host work on NumPy arrays only.
-            packed = jax.device_get(pending.health)
+            packed = jax.device_get(health)
             health = _health._unpack(options["health_layout"][0], packed)
             stats = _health.stats_by_path(health)
             layer_norms = {
@@ -1579,22 +1787,11 @@ class _Run:
             self.history.record(step, {**values, **layer_norms})
         else:
             self.history.record(step, values)
-        self.good = state = self._with_key(pending.after)
-        self.consumed = pending
         if writer is not None and step % options["log_every"] == 0:
             for name, value in values.items():
                 writer.add_scalar(f"train/{name}", value, step)
         bar.advance(step, values["loss"])
-        eval_every = options["eval_every"]
-        if eval_every is not None and step % eval_every == 0:
-            values.update(self._evaluate(step))
-        if run_callbacks:
-            for callback in options["callbacks"]:
-                if _is_true(callback(step, state, dict(values))):
-                    self.stopped = True
-        every = options["checkpoint_every"]
-        if every is not None and step % every == 0:
-            self._save()
+        return values
 
     def _non_finite_error(
         self, pending: _Pending, loss: float, grad_norm: float, bar: Any
@@ -1649,6 +1846,8 @@ class _Run:
 
     def _update_error(self, pending: _Pending, bad: list[str]) -> NonFiniteLossError:
         """The error for a step whose loss and gradient were finite but whose update was not."""
+        if pending.steps > 1:  # the call's last step did it
+            pending, _ = self._single(pending, pending.steps - 1)
         return NonFiniteLossError(
             f"training stopped at step {pending.step}: its update made the params non-finite "
             f"({', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}) although its loss and "
