@@ -1058,7 +1058,7 @@ def fit(
       callbacks: each is called as ``callback(step, state, metrics)`` after every step, where
         ``metrics`` holds this step's floats (and ``eval_<name>`` at evaluation steps); a
         callback returning ``True`` (a Python, NumPy or JAX boolean) stops training after that
-        step.
+        step. With ``steps_per_call`` above 1, after the last step of each call instead.
       progress: show a tqdm progress bar (notebook-aware) with step, loss and steps/s.
       log_dir: write TensorBoard scalars there (``train/loss``, ``train/grad_norm``,
         ``train/<aux>``, ``eval/<name>``); needs tensorboardX.
