@@ -1733,8 +1733,8 @@ class _Run:
         loss, grad_norm = self.metric_names.index("loss"), self.metric_names.index("grad_norm")
         for pending, read in zip(block, rows, strict=True):
             queue.popleft()
-            rows = read if pending.steps > 1 else [read]
-            for index, row in enumerate(rows):
+            step_rows = read if pending.steps > 1 else [read]
+            for index, row in enumerate(step_rows):
                 if not (math.isfinite(row[loss]) and math.isfinite(row[grad_norm])):
                     if pending.steps > 1:
                         # The state before this step exists only on the way through the call.
@@ -1742,9 +1742,9 @@ class _Run:
                         if previous is not None:
                             self.consumed = previous
                     raise self._non_finite_error(pending, row[loss], row[grad_norm], bar)
-                if index < len(rows) - 1:  # a step inside a call: its metrics only
-                    self._record(pending.step - len(rows) + 1 + index, row, None, bar)
-            self._handle(pending, rows[-1], bar, run_callbacks)
+                if index < len(step_rows) - 1:  # a step inside a call: its metrics only
+                    self._record(pending.step - len(step_rows) + 1 + index, row, None, bar)
+            self._handle(pending, step_rows[-1], bar, run_callbacks)
             if self.stopped:
                 return
 
