@@ -1569,7 +1569,7 @@ class _Run:
         (None for the first), as one-step records: their states replayed from the call's start
         with the one-step program."""
         first = pending.step - pending.steps  # state.step before the call
-        state, previous = pending.before, None
+        state, previous, current = pending.before, None, None
         for i in range(index + 1):
             step = first + i
             if self.batches.arrays is None:
@@ -1579,11 +1579,9 @@ class _Run:
                 batch = None
                 args = (self.arrays, self._epoch_order(step // self.batches.steps_per_epoch))
             after, metrics, _ = self.step_fn(state, *args)
-            current = _Pending(step + 1, state, after, metrics, None, batch)
-            if i == index:
-                return current, previous
-            state, previous = after, current
-        raise AssertionError("unreachable")  # pragma: no cover
+            previous, current = current, _Pending(step + 1, state, after, metrics, None, batch)
+            state = after
+        return current, previous
 
     def _passes(self, start: int):
         self.passed = 0  # batches the passes gave, skipped ones included

@@ -76,7 +76,10 @@ def test_accelerator_statistics_hold_no_conditional_and_no_scatter(accelerator):
     assert not _has_op(text, "scatter")
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiles for the CPU's paths")
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="checks the CPU's compiled program; other backends compile the accelerator paths",
+)
 def test_cpu_statistics_keep_their_cond_and_scatter():
     # The other side of the choice: if the platform test ever picked the accelerator path on
     # a CPU, the CPU would lose its measured fast path.
