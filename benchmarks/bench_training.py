@@ -21,7 +21,10 @@ the hand-written loop with its optimizer wrapped in ``gradkit.diagnostics.health
 as a ratio to the same loop without monitoring. A third table compares the monitors again, paired:
 each variant's step compiled once, then ``--rounds`` rounds in which every variant runs ``--block``
 steps in turn; the overhead is the median over rounds of each round's time relative to the plain
-loop's in the same round, which cancels most of the drift of a shared machine. A fourth table
+loop's in the same round, which cancels most of the drift of a shared machine; its last row is a
+reference, not a monitor: Adam also keeping the plain sums of squares of each gradient,
+parameter and update leaf (``squares_only``), the least that reading those three arrays every
+step costs any monitor of their norms. A fourth table
 pairs ``fit`` with the hand-written loop + grad norm the same way (``--fit-rounds`` rounds, each
 ``fit`` round a whole call timed after its warm-up steps; ``--fit-only`` runs just these
 rounds), and also with two hand-written loops that shuffle like ``fit`` on arrays: one gathering
@@ -91,6 +94,27 @@ CALL = 16
 # Steps fit runs past the timed ones (see timed_fit).
 _TAIL_STEPS = 4
 SIZES = [784, 512, 512, 10]
+
+
+def squares_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, also keeping each leaf's plain sums of squares of the gradient, parameters and
+    update in its state: the least any monitor of gradient, parameter and update norms reads
+    every step (no maxima, means, zeros, underflow guard or histograms). A reference for
+    ``health_monitor(every=1)``, not a monitor: it is what reading the three arrays costs."""
+
+    def init_fn(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(3, p.dtype), params)
+        return (inner.init(params), zeros)
+
+    def update_fn(grads, state, params):
+        updates, inner_state = inner.update(grads, state[0], params)
+
+        def squares(g, p, u):
+            return jnp.stack([jnp.sum(jnp.square(a)) for a in (g, p, u)])
+
+        return updates, (inner_state, jax.tree.map(squares, grads, params, updates))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class _CompileCounter(logging.Handler):
@@ -341,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 every=1, inner=optimizer, histogram=False
             ),
             "health_monitor(every=100)": health_monitor(every=100, inner=optimizer),
+            "reference: sums of squares of g, w and the update only": squares_only(optimizer),
         }
 
         def make_step(tx):

@@ -206,8 +206,23 @@ def combine_norms(norms: jax.Array) -> jax.Array:
     return safe_norm(jnp.asarray(norms))
 
 
+def _zeros(x: jax.Array) -> jax.Array:
+    """1 where an entry is exactly zero (either sign), else 0, as int32.
+
+    Read from the bits for float32: CPUs compare with denormals treated as zero, so ``x == 0``
+    there also holds for subnormals, which the histogram counts in their own bins. Bitwise, the
+    zeros and the histogram add up to the finite entries on every backend. Not a comparison
+    of the bits with 0 either: LLVM turns that back into ``x == 0``.
+    """
+    if x.dtype == jnp.float32:
+        magnitude = lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+        return 1 - jnp.minimum(magnitude, 1)
+    return (x == 0).astype(jnp.int32)
+
+
 def _histogram_bins(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each entry's bin of :data:`HISTOGRAM_EXPONENTS`, and whether it counts (finite, nonzero)."""
+    """Each entry's bin of :data:`HISTOGRAM_EXPONENTS`, and 1 where it counts (finite, nonzero),
+    else 0 (int32; for float32 arithmetic on the bits, see :func:`_zeros`)."""
     if x.dtype == jnp.float32:
         # The binary exponent straight from the bits (cheaper than frexp, and exact for
         # subnormals, which XLA:CPU's frexp flushes): a normal number with biased exponent
@@ -216,28 +231,50 @@ def _histogram_bins(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         biased = bits >> 23
         mantissa = bits & 0x7FFFFF
         exponent = jnp.where(biased == 0, 32 - lax.clz(mantissa) - 149, biased - 126)
-        counted = (bits != 0) & (biased != 255)
+        counted = jnp.minimum(bits, 1) * (biased != 255).astype(jnp.int32)
     else:
         magnitude = jnp.abs(x)
         _, exponent = jnp.frexp(magnitude)
-        counted = (magnitude > 0) & (magnitude < jnp.inf)
+        counted = ((magnitude > 0) & (magnitude < jnp.inf)).astype(jnp.int32)
     return jnp.clip(exponent - HISTOGRAM_MIN_EXPONENT, 0, len(HISTOGRAM_EXPONENTS) - 1), counted
 
 
+#: From this many entries on, a CPU histogram adds up entries two at a time (see
+#: :func:`_histogram`); below, zeroing and summing its table costs more than the halved scatter.
+PAIRED_HISTOGRAM_MIN_SIZE = 2**16
+
+
 def _histogram(x: jax.Array) -> jax.Array:
-    """The counts of :func:`_histogram_bins`: a scatter-add on a CPU (one add per entry); on
-    other platforms a comparison of every entry with every bin, summed (a scatter-add there
-    is an atomic add per entry, most of them into the same few bins)."""
+    """The counts of :func:`_histogram_bins`: a scatter-add on a CPU; on other platforms a
+    comparison of every entry with every bin, summed (a scatter-add there is an atomic add per
+    entry, most of them into the same few bins).
+
+    XLA:CPU's scatter costs about a nanosecond per update whatever the bins, so large leaves
+    scatter pairs: entries ``2i`` and ``2i + 1`` add one to cell ``(b[2i], b[2i + 1])`` of a
+    ``(bins + 1)**2`` table (the extra bin takes the entries that do not count), whose row and
+    column sums are the histogram. Half the updates; the 300 KiB table stays in cache (a 784x512
+    leaf: 370 us to 232 us on a 2-core x86 CPU).
+    """
     index, counted = _histogram_bins(x)
     index, counted = index.ravel(), counted.ravel()
+    bins = len(HISTOGRAM_EXPONENTS)
 
     def scatter(index, counted):
-        counts = jnp.zeros(len(HISTOGRAM_EXPONENTS), jnp.int32)
-        return counts.at[index].add(counted.astype(jnp.int32))
+        if index.size < PAIRED_HISTOGRAM_MIN_SIZE:
+            return jnp.zeros(bins, jnp.int32).at[index].add(counted)
+        index = index + (bins - index) * (1 - counted)  # the uncounted to the extra bin
+        if index.size % 2:
+            index = jnp.concatenate([index, jnp.full((1,), bins, index.dtype)])
+        pairs = index.reshape(-1, 2)
+        cell = pairs[:, 0] * (bins + 1) + pairs[:, 1]
+        # An update XLA cannot see is constant: a broadcast one is materialised on its own.
+        ones = (cell >= 0).astype(jnp.int32)
+        table = jnp.zeros((bins + 1) ** 2, jnp.int32)
+        table = table.at[cell].add(ones, mode="promise_in_bounds").reshape(bins + 1, bins + 1)
+        return (jnp.sum(table, axis=0) + jnp.sum(table, axis=1))[:bins]
 
     def compare(index, counted):
-        bins = jnp.arange(len(HISTOGRAM_EXPONENTS), dtype=index.dtype)
-        hits = (index[:, None] == bins) & counted[:, None]
+        hits = (index[:, None] == jnp.arange(bins, dtype=index.dtype)) * counted[:, None]
         return jnp.sum(hits, axis=0, dtype=jnp.int32)
 
     return _platform.cpu_or_accelerator(scatter, compare, index, counted)
@@ -271,7 +308,10 @@ def _trustworthy_square_sum(square_sum: jax.Array) -> jax.Array:
 
 
 def _fast_leaf_stats(
-    x: jax.Array, param: jax.Array | None, update: jax.Array | None
+    x: jax.Array,
+    param: jax.Array | None,
+    update: jax.Array | None,
+    nonzero: jax.Array | None = None,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     r"""Statistics of a large leaf from plain sums when they are accurate, else the exact path.
 
@@ -285,11 +325,19 @@ def _fast_leaf_stats(
     the variance :math:`\overline{g^2} - \bar g^2` at least half of :math:`\overline{g^2}` (so
     :math:`|\bar g| \le \sigma` and the subtraction loses at most one bit). Otherwise a
     :func:`jax.lax.cond` takes the exact path for this leaf.
+
+    ``nonzero``, the sum of the leaf's histogram when it has one, gives the number of zeros
+    without a pass of their own (on the fast path every entry is finite, so the histogram
+    counts all but the zeros).
     """
     size = x.size
-    maxima, sums = _variadic_reduce([jnp.abs(x)], [x, jnp.square(x), (x == 0).astype(x.dtype)])
+    counted = [x, jnp.square(x)]
+    if nonzero is None:
+        counted.append(_zeros(x).astype(x.dtype))
+    maxima, sums = _variadic_reduce([jnp.abs(x)], counted)
     max_abs = maxima[0]
-    total, square_sum, zeros = sums[0], sums[1], sums[2]
+    total, square_sum = sums[0], sums[1]
+    zeros = (size - nonzero).astype(x.dtype) if nonzero is not None else sums[2]
     mean = total / size
     mean_square = square_sum / size
     variance = mean_square - jnp.square(mean)
@@ -439,7 +487,7 @@ def _exact_leaf_stats(x: jax.Array, *others: jax.Array) -> tuple[jax.Array | Lea
     # (XLA:CPU sums int32 in several stages).
     count_dtype = jnp.float32 if x.size < 2**24 else jnp.int32
     counts = reduce_rows(
-        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, x == 0], dtype=count_dtype
+        jnp.sum, [jnp.isnan(x), x == jnp.inf, x == -jnp.inf, _zeros(x)], dtype=count_dtype
     ).astype(jnp.int32)
     scales, inverses = _power_of_two_scale(maxima)
     scaled = [
@@ -480,12 +528,13 @@ def _leaf_stats(
     update: jax.Array | None = None,
     *,
     branch: bool = True,
+    nonzero: jax.Array | None = None,
 ) -> tuple[LeafStats, jax.Array | None, jax.Array | None]:
     """Statistics of one leaf, and its parameter and update norms (None where not given).
 
-    With ``branch`` large leaves try the one-pass sums first (:func:`_fast_leaf_stats`);
-    without, the exact path and no cond (for code that is itself inside a rarely taken
-    branch).
+    With ``branch`` large leaves try the one-pass sums first (:func:`_fast_leaf_stats`, which
+    takes ``nonzero``, the sum of the leaf's histogram, if there is one); without, the exact
+    path and no cond (for code that is itself inside a rarely taken branch).
     """
     g = jnp.asarray(g)
     x = g.astype(_compute_dtype(g.dtype))
@@ -502,7 +551,13 @@ def _leaf_stats(
     if branch and x.size > FAST_PATH_MIN_SIZE:
         # The fast path's cond costs a GPU a round trip to the host (gradkit._platform);
         # there the exact path's extra passes are the cheaper choice.
-        return _platform.cpu_or_accelerator(_fast_leaf_stats, exact, x, param, update)
+        return _platform.cpu_or_accelerator(
+            lambda x, param, update: _fast_leaf_stats(x, param, update, nonzero),
+            exact,
+            x,
+            param,
+            update,
+        )
     return exact(x, param, update)
 
 
@@ -597,7 +652,11 @@ def _packed_stats(
 
     def one_leaf(g, param, update, dtype):
         """The packed row of float fields, the counts and the histogram of one leaf."""
-        stats, param_norm, update_norm = _leaf_stats(g, param, update, branch=branch)
+        hist = _histogram(g.astype(dtype)) if histogram else None
+        nonzero = None if hist is None else jnp.sum(hist)
+        stats, param_norm, update_norm = _leaf_stats(
+            g, param, update, branch=branch, nonzero=nonzero
+        )
         ratio = None
         if param_norm is not None and update_norm is not None:
             ratio = jnp.where(
@@ -615,7 +674,7 @@ def _packed_stats(
             ]
         )
         count = jnp.stack([getattr(stats, field) for field in _COUNT_FIELDS])
-        return row, count, _histogram(g.astype(dtype)) if histogram else None
+        return row, count, hist
 
     # Small leaves of one shape and dtype (the biases and norm scales of identical blocks) are
     # stacked and computed by one vmapped program: the same statistics, with the operation
