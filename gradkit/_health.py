@@ -62,7 +62,8 @@ class LeafStats(NamedTuple):
       max_abs: :math:`\max |g|`.
       mean: the mean entry.
       std: the standard deviation of the entries.
-      zero_fraction: the fraction of entries (of all entries) that are exactly zero.
+      zero_fraction: the fraction of entries (of all entries) that are exactly zero, either sign
+        (subnormals are not zeros, although CPUs compare them equal to 0).
       nan_count: the number of NaN entries (int32).
       posinf_count: the number of +Inf entries (int32).
       neginf_count: the number of -Inf entries (int32).
