@@ -552,13 +552,8 @@ def _leaf_stats(
     if branch and x.size > FAST_PATH_MIN_SIZE:
         # The fast path's cond costs a GPU a round trip to the host (gradkit._platform);
         # there the exact path's extra passes are the cheaper choice.
-        return _platform.cpu_or_accelerator(
-            lambda x, param, update: _fast_leaf_stats(x, param, update, nonzero),
-            exact,
-            x,
-            param,
-            update,
-        )
+        fast = functools.partial(_fast_leaf_stats, nonzero=nonzero)
+        return _platform.cpu_or_accelerator(fast, exact, x, param, update)
     return exact(x, param, update)
 
 
