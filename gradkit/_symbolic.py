@@ -95,6 +95,38 @@ class sigmoid(sympy.Function):
         return r"\sigma\left(" + printer._print(self.args[0]) + r"\right)"
 
 
+class rint(sympy.Function):
+    r"""Rounding to the nearest integer, halves to the even one (``jnp.round``, NumPy's
+    ``rint``), as a sympy function printed ``rint(x)``. Its derivative is 0, as in JAX."""
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_integer:
+            return arg
+        if arg.is_Rational or arg.is_Float:
+            value = sympy.Rational(arg)
+            below = sympy.floor(value)
+            rest = value - below
+            if rest == sympy.Rational(1, 2):
+                return below if below % 2 == 0 else below + 1
+            return below if rest < sympy.Rational(1, 2) else below + 1
+        return None
+
+    def fdiff(self, argindex=1):
+        if argindex != 1:
+            raise sympy.ArgumentIndexError(self, argindex)
+        return sympy.Integer(0)
+
+    def _eval_is_integer(self):
+        return True if self.args[0].is_finite and self.args[0].is_real else None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _latex(self, printer):
+        return r"\operatorname{rint}\left(" + printer._print(self.args[0]) + r"\right)"
+
+
 #: Functions that are finite wherever their arguments are, also in floating point (so not
 #: ``exp``: ``jnp.where(jnp.isfinite(jnp.exp(x)), jnp.exp(x), 0)`` guards against its overflow).
 _FINITE_FUNCTIONS = (
@@ -169,6 +201,7 @@ class isfinite(sympy.logic.boolalg.Boolean, sympy.core.function.Application):
 _NUMPY_FUNCTIONS = {
     "sigmoid": lambda u: 1 / (1 + np.exp(-u)),
     "isfinite": np.isfinite,
+    "rint": np.rint,
 }
 
 
@@ -651,13 +684,122 @@ def _pad(operand: np.ndarray, padding_value: np.ndarray, padding_config) -> np.n
     return out
 
 
-def _static_int(value: np.ndarray, primitive: str) -> int:
-    element = value[()] if isinstance(value, np.ndarray) else value
-    if not (isinstance(element, sympy.Basic) and element.is_Integer):
-        raise UnsupportedPrimitiveError(
-            f"{primitive} with an index that depends on the inputs ({element}) has no formula"
+def _starts(starts: Sequence[np.ndarray]) -> np.ndarray:
+    """The scalar start indices of a dynamic slice as one object array."""
+    out = np.empty(len(starts), dtype=object)
+    for axis, start in enumerate(starts):
+        out[axis] = start[()] if isinstance(start, np.ndarray) else start
+    return out
+
+
+def _clamped_window(
+    starts: np.ndarray, sizes: Sequence[int], shape: Sequence[int]
+) -> tuple[slice, ...]:
+    """The window of a dynamic slice: each start clamped so that the window fits, as in XLA."""
+    return tuple(
+        slice(first, first + size)
+        for first, size in (
+            (min(max(int(start), 0), dim - size), size)
+            for start, size, dim in zip(starts, sizes, shape, strict=True)
         )
-    return int(element)
+    )
+
+
+#: Scatters and how each combines the operand's element with the updates that land on it
+#: (``scatter`` keeps the last update, which is XLA's choice when indices repeat on a CPU).
+_SCATTERS: dict[str, Callable[..., sympy.Basic]] = {
+    "scatter": lambda old, *new: new[-1],
+    "scatter-add": lambda old, *new: sympy.Add(old, *new),
+    "scatter_add": lambda old, *new: sympy.Add(old, *new),
+    "scatter-sub": lambda old, *new: old - sympy.Add(*new),
+    "scatter_sub": lambda old, *new: old - sympy.Add(*new),
+    "scatter-mul": lambda old, *new: sympy.Mul(old, *new),
+    "scatter_mul": lambda old, *new: sympy.Mul(old, *new),
+    "scatter-min": lambda old, *new: sympy.Min(old, *new),
+    "scatter_min": lambda old, *new: sympy.Min(old, *new),
+    "scatter-max": lambda old, *new: sympy.Max(old, *new),
+    "scatter_max": lambda old, *new: sympy.Max(old, *new),
+}
+
+
+def _gather_fill(dtype: np.dtype, fill_value: Any) -> sympy.Basic:
+    """What ``gather(mode="fill")`` gives for an index out of bounds (JAX's defaults)."""
+    dtype = np.dtype(dtype)
+    if fill_value is not None:
+        return _number(np.asarray(fill_value, dtype)[()], dtype)
+    if _is_float(dtype):
+        return sympy.nan
+    if dtype == np.bool_:
+        return sympy.true
+    if np.issubdtype(dtype, np.signedinteger):
+        return sympy.Integer(int(np.iinfo(dtype).min))
+    return sympy.Integer(int(np.iinfo(dtype).max))
+
+
+def _gather(eqn, operand: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``gather`` at concrete ``indices``: the same gather of every operand element's position,
+    run by JAX itself (so every dimension-number layout and index mode is JAX's), then those
+    elements."""
+    params = dict(eqn.params)
+    mode = jax.lax.GatherScatterMode.from_any(params.get("mode"))
+    fill = mode == jax.lax.GatherScatterMode.FILL_OR_DROP
+    if fill:
+        params["fill_value"] = -1
+    positions = np.arange(operand.size, dtype=np.int32).reshape(operand.shape)
+    taken = np.asarray(
+        eqn.primitive.bind(
+            jax.numpy.asarray(positions),
+            jax.numpy.asarray(indices, eqn.invars[1].aval.dtype),
+            **params,
+        )
+    )
+    flat = operand.reshape(-1)
+    missing = _gather_fill(eqn.invars[0].aval.dtype, eqn.params.get("fill_value")) if fill else None
+    out = np.empty(taken.shape, dtype=object)
+    for index in np.ndindex(taken.shape):
+        position = int(taken[index])
+        out[index] = missing if position < 0 else flat[position]
+    return out
+
+
+def _scatter(eqn, operand: np.ndarray, indices: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    """A scatter at concrete ``indices``: where each update element lands, found by JAX's own
+    scatter-add of one update element at a time (so layouts, modes and dropped out-of-bounds
+    updates are JAX's), then the operand's elements combined with theirs."""
+    params = eqn.params
+    count = updates.size
+
+    def landing(k):
+        one = (jax.numpy.arange(count) == k).astype(jax.numpy.int32).reshape(updates.shape)
+        return jax.lax.scatter_add(
+            jax.numpy.zeros(operand.shape, jax.numpy.int32),
+            jax.numpy.asarray(indices, eqn.invars[1].aval.dtype),
+            one,
+            params["dimension_numbers"],
+            indices_are_sorted=params.get("indices_are_sorted", False),
+            unique_indices=params.get("unique_indices", False),
+            mode=params.get("mode"),
+        ).reshape(-1)
+
+    hits = np.asarray(jax.vmap(landing)(jax.numpy.arange(count))) if count else None
+    flat_updates = updates.reshape(-1)
+    arrivals: list[list[sympy.Basic]] = [[] for _ in range(operand.size)]
+    for k in range(count):
+        for position in np.flatnonzero(hits[k]):
+            arrivals[position].extend([flat_updates[k]] * int(hits[k, position]))
+    combine = _SCATTERS[eqn.primitive.name]
+    flat = operand.reshape(-1)
+    out = np.empty(operand.size, dtype=object)
+    for position, new in enumerate(arrivals):
+        out[position] = combine(flat[position], *new) if new else flat[position]
+    return out.reshape(operand.shape)
+
+
+def _round(method: Any) -> Callable[[sympy.Basic], sympy.Basic]:
+    """``lax.round``: halves away from zero (its default), or to even (``jnp.round``)."""
+    if int(method) == int(jax.lax.RoundingMethod.TO_NEAREST_EVEN):
+        return rint
+    return lambda a: sympy.sign(a) * sympy.floor(sympy.Abs(a) + sympy.Rational(1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -829,21 +971,32 @@ class _Interpreter:
             return [_constant_array(positions.astype(params["dtype"]))]
         if name == "dynamic_slice":
             operand, *starts = inputs
-            index = []
-            for axis, (start, size) in enumerate(zip(starts, params["slice_sizes"], strict=True)):
-                first = min(max(_static_int(start, name), 0), operand.shape[axis] - size)
-                index.append(slice(first, first + size))
-            return [operand[tuple(index)]]
+
+            def sliced(at: np.ndarray) -> np.ndarray:
+                return operand[_clamped_window(at, params["slice_sizes"], operand.shape)]
+
+            return [self.indexed(eqn, _starts(starts), operand.shape, sliced)]
         if name == "dynamic_update_slice":
             operand, update, *starts = inputs
-            out = operand.copy()
-            index = []
-            for axis, start in enumerate(starts):
-                limit = operand.shape[axis] - update.shape[axis]
-                first = min(max(_static_int(start, name), 0), limit)
-                index.append(slice(first, first + update.shape[axis]))
-            out[tuple(index)] = update
-            return [out]
+
+            def updated(at: np.ndarray) -> np.ndarray:
+                out = operand.copy()
+                out[_clamped_window(at, update.shape, operand.shape)] = update
+                return out
+
+            return [self.indexed(eqn, _starts(starts), operand.shape, updated)]
+        if name == "gather":
+            operand, indices = inputs
+            return [self.indexed(eqn, indices, operand.shape, lambda at: _gather(eqn, operand, at))]
+        if name in _SCATTERS:
+            operand, indices, updates = inputs
+            return [
+                self.indexed(
+                    eqn, indices, operand.shape, lambda at: _scatter(eqn, operand, at, updates)
+                )
+            ]
+        if name == "round":
+            return [_map(_round(params["rounding_method"]), inputs[0])]
         if name in ("cumsum", "cumprod", "cummax", "cummin"):
             return [_cumulative(inputs[0], name, params["axis"], params["reverse"])]
         if name in _CALLS:
@@ -862,8 +1015,100 @@ class _Interpreter:
             f"expression: primitive {name!r}{self.where(eqn)} has no symbolic rule; "
             "gradkit writes formulas for element-wise arithmetic, elementary functions, "
             "comparisons and where/select, reductions, dot products, reshapes, slices and stacks, "
+            "gathers and scatters, "
             "and calls (jit, custom_jvp, custom_vjp, cond, short scans)"
         )
+
+    def indexed(
+        self,
+        eqn,
+        indices: np.ndarray,
+        operand_shape: tuple[int, ...],
+        compute: Callable[[np.ndarray], np.ndarray],
+    ) -> np.ndarray:
+        """``compute(indices)`` for a gather or scatter, with concrete integer indices.
+
+        Indices that depend on one integer input ``i`` (``x[i]``, ``take_along_axis`` of a
+        label) are tried at every value from ``-n - 2`` to ``n + 1``, ``n`` the operand's
+        longest dimension: that covers each in-bounds index, written both ways, and the
+        out-of-bounds ones on either side, which every index mode treats alike (clamped, filled
+        or dropped). Checked: the values at ``-n - 3`` and ``n + 2`` must agree with those at
+        ``-n - 2`` and ``n + 1``. Each element is then a ``Piecewise`` of ``i``.
+        """
+        free = set()
+        for element in indices.reshape(-1):
+            free |= sympy.sympify(element).free_symbols
+        name = eqn.primitive.name
+
+        def integers(array: np.ndarray, where: str) -> np.ndarray:
+            out = np.empty(array.shape, dtype=np.int64)
+            for index in np.ndindex(array.shape):
+                element = sympy.sympify(array[index])
+                if not element.is_Integer:
+                    raise UnsupportedPrimitiveError(
+                        f"{name}{self.where(eqn)}: an index ({element}) is not an integer{where}"
+                    )
+                out[index] = int(element)
+            return out
+
+        if not free:
+            return compute(integers(indices, ""))
+        if len(free) > 1 or not next(iter(free)).is_integer:
+            raise UnsupportedPrimitiveError(
+                f"{name}{self.where(eqn)} at indices that depend on "
+                f"{', '.join(sorted(map(str, free)))}: only indices that depend on a single "
+                "integer input have a formula"
+            )
+        (symbol,) = free
+        reach = max(operand_shape, default=1)
+
+        def at(value: int) -> np.ndarray:
+            concrete = _map(lambda e: sympy.sympify(e).subs(symbol, value), indices)
+            return compute(integers(concrete, f" at {symbol} = {value}"))
+
+        low, high = -reach - 2, reach + 1
+        values = {value: at(value) for value in range(low, high + 1)}
+        for edge, beyond in ((low, low - 1), (high, high + 1)):
+            if not all(a == b for a, b in zip(values[edge].flat, at(beyond).flat, strict=True)):
+                raise UnsupportedPrimitiveError(
+                    f"{name}{self.where(eqn)}: the element taken at index {symbol} = {beyond} "
+                    f"differs from the one at {edge}; only indices that are in bounds or "
+                    "beyond them on either side have a formula"
+                )
+
+        def condition(at_values: list[int]) -> sympy.Basic:
+            # Runs of consecutive values as ranges; ``low`` and ``high`` stand for all beyond.
+            runs: list[list[int]] = []
+            for value in sorted(at_values):
+                if runs and value == runs[-1][1] + 1:
+                    runs[-1][1] = value
+                else:
+                    runs.append([value, value])
+            parts = []
+            for first, last in runs:
+                if first == low and last == high:
+                    return sympy.true
+                if first == low:
+                    parts.append(sympy.Le(symbol, last))
+                elif last == high:
+                    parts.append(sympy.Ge(symbol, first))
+                elif first == last:
+                    parts.append(sympy.Eq(symbol, first))
+                else:
+                    parts.append(sympy.And(sympy.Ge(symbol, first), sympy.Le(symbol, last)))
+            return sympy.Or(*parts)
+
+        shape = values[low].shape
+        out = np.empty(shape, dtype=object)
+        for index in np.ndindex(shape):
+            groups: dict[sympy.Basic, list[int]] = {}
+            for value, result in values.items():
+                groups.setdefault(result[index], []).append(value)
+            ordered = sorted(groups.items(), key=lambda item: len(item[1]))
+            *cases, (default, _) = ordered
+            pieces = [(element, condition(at_values)) for element, at_values in cases]
+            out[index] = sympy.Piecewise(*pieces, (default, True)) if pieces else default
+        return out
 
     def cond(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
         index, *operands = inputs

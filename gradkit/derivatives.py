@@ -636,7 +636,11 @@ def expression(
     Supported: arithmetic, powers, exp/log/log1p/expm1, trigonometric and hyperbolic functions,
     logistic, sqrt/rsqrt/cbrt, abs, sign, max/min, comparisons and ``where`` (as ``Piecewise``),
     type conversions, reductions, ``dot_general``, reshapes, slices, concatenation and
-    ``stack``, remainders (``%``, ``fmod``; not ``//``, whose rounding has no rule), and
+    ``stack``; gathers, scatters and dynamic slices (indexing with arrays, ``x.at[i].add``,
+    ``take_along_axis``, ``x[i]``) at constant indices or at indices that depend on one
+    integer input, which give a ``Piecewise`` over its values (each in-bounds index, and the
+    out-of-bounds ones as JAX's index mode treats them); rounding (``jnp.round`` is ``rint``,
+    halves to even), remainders (``%``, ``fmod``; not ``//``, whose rounding has no rule), and
     ``jit``/``custom_jvp``/``custom_vjp``/``cond`` (their bodies are read) and scans of at most
     64 steps (unrolled), ``jax.checkpoint``; ``stop_gradient`` is the identity and
     ``jax.debug.print`` is skipped. ``jnp.isfinite`` of a formula that is finite for all finite

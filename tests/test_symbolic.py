@@ -178,6 +178,49 @@ CASES = {
     ),
     "pytree output": (lambda x: {"s": jnp.sin(x), "pair": (x, x**2)}, (0.4,)),
     "iota": (lambda x: x * jnp.arange(3.0), (0.5,)),
+    "gather at constant indices": (
+        lambda x: x[jnp.array([2, 0, 2])] * x[jnp.array([[0], [3]])].sum(),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "grad of a gather is a scatter-add": (
+        jax.grad(lambda x: jnp.sum(x[jnp.array([0, 2, 2])] ** 2)),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "take along axis and its grad": (
+        lambda x: (
+            jnp.take_along_axis(x.reshape(2, 2), jnp.array([[1], [0]]), axis=1),
+            jax.grad(
+                lambda v: jnp.sum(jnp.take_along_axis(v.reshape(2, 2), jnp.array([[1]]), 1) ** 3)
+            )(x),
+        ),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "scatters": (
+        lambda x: (
+            x.at[jnp.array([0, 2])].set(x[1] ** 2)
+            + x.at[jnp.array([1, 1])].multiply(x[0])
+            + x.at[jnp.array([0])].min(-x[2])
+            + x.at[jnp.array([2])].max(x[0])
+            + x.at[jnp.array([3, 3, 0])].add(jnp.array([1.0, -x[0], x[3]]))
+            + x.at[1].subtract(x[2])
+        ),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "out-of-bounds index modes": (
+        lambda x: jnp.stack(
+            [
+                x.at[5].get(mode="fill", fill_value=-1.5),
+                x.at[-9].get(mode="clip"),
+                x.at[jnp.array([9])].get(mode="clip")[0],
+                x.at[jnp.array([7, 1])].add(x[0], mode="drop")[1],
+            ]
+        ),
+        (jnp.array([1.0, -2.0, 0.5, 3.0]),),
+    ),
+    "round half to even and away from zero": (
+        lambda x: jnp.round(x * 1.25) * x + jax.lax.round(x * 1.25) + jnp.round(x, 1),
+        (jnp.array([2.0, -2.0, 0.4, -0.6]),),
+    ),
 }
 
 
@@ -575,3 +618,78 @@ def test_stack_and_remainders_have_formulas_that_evaluate_like_the_function():
         for point in points:
             np.testing.assert_allclose(e.evaluate(point), f(point), atol=1e-6)
     assert str(expression(lambda x: jnp.stack([x, x**2]), 2.0)) == "[x, x**2]"
+
+
+def test_gathers_at_an_integer_input_are_a_piecewise_over_its_values():
+    # x[i], and the integer-label cross-entropy (take_along_axis): no rule for 'gather' or a
+    # dynamic_slice at a traced index before; now one formula for every label, with JAX's value
+    # for labels out of bounds (NaN from the fill mode; the gradient then drops the label).
+    x = jnp.array([1.0, -2.0, 0.5, 3.0])
+
+    def pick(x, i):
+        return x[i] * 2
+
+    formula = expression(pick, x, 1)
+    assert formula.variables["i"].is_integer
+    assert "Piecewise" in str(formula)
+    for i in (-7, -5, -4, -1, 0, 1, 3, 4, 9):
+        np.testing.assert_allclose(formula.evaluate(x, i), pick(x, i))
+        np.testing.assert_allclose(
+            expression(jax.grad(pick), x, 1).evaluate(x, i), jax.grad(pick)(x, i)
+        )
+
+    optax = pytest.importorskip("optax")
+
+    def loss(z, label):
+        return optax.softmax_cross_entropy_with_integer_labels(z, label)
+
+    z = jnp.array([0.5, -1.0, 2.0])
+    value, grad = expression(loss, z, 0), expression(jax.grad(loss), z, 0)
+    for label in (-4, -3, -1, 0, 1, 2, 3, 7):
+        with enable_x64():
+            z64 = z.astype(jnp.float64)
+            expected, expected_grad = loss(z64, label), jax.grad(loss)(z64, label)
+        np.testing.assert_allclose(value.evaluate(z, label), expected, rtol=1e-12)
+        np.testing.assert_allclose(grad.evaluate(z, label), expected_grad, rtol=1e-12)
+    assert np.isnan(value.evaluate(z, 3))
+    assert str(expression(lambda x: x[jnp.array([2, 0])], jnp.ones(3))) == "[x[2], x[0]]"
+
+
+def test_dynamic_update_slice_at_an_integer_input():
+    x = jnp.array([1.0, -2.0, 0.5, 3.0])
+
+    def put(x, i):
+        return jax.lax.dynamic_update_slice(x, x[:2] ** 2, (i,))
+
+    formula = expression(put, x, 0)
+    for i in (-3, 0, 1, 2, 3, 6):
+        np.testing.assert_allclose(formula.evaluate(x, i), put(x, i))
+
+
+def test_indices_that_no_formula_covers_are_refused_with_the_reason():
+    x = jnp.ones(4)
+    with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="depend on i, j"):
+        expression(lambda x, i, j: x.reshape(2, 2)[i, j], x, 0, 1)
+    # x[i - 7] comes back into bounds beyond them (negative indices count from the end): the
+    # values past the bounds are not all alike, so no finite Piecewise says it.
+    with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="differs from the one at"):
+        expression(lambda x, i: x[jnp.array([i - 7])], x, 0)
+    # A float input turned into an index takes non-integer values too.
+    with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="single integer input"):
+        expression(lambda x, t: x[jnp.array([t.astype(jnp.int32)])], x, 1.5)
+
+
+def test_rint_is_round_half_to_even_with_zero_derivative():
+    t = sympy.Symbol("t", real=True)
+    assert [_symbolic.rint(sympy.Rational(v, 2)) for v in (-5, -3, -1, 1, 3, 5)] == [
+        -2,
+        -2,
+        0,
+        0,
+        2,
+        2,
+    ]
+    assert _symbolic.rint(sympy.Float(2.6)) == 3
+    assert sympy.diff(_symbolic.rint(t**2), t) == 0
+    assert str(expression(lambda x: jnp.round(x), 1.0)) == "rint(x)"
+    assert expression(jax.grad(lambda x: jnp.round(x) * x), 2.5).evaluate(2.5) == 2.0
