@@ -921,6 +921,10 @@ class _Interpreter:
                 fun = {"add": _BINARY["or"], "max": _BINARY["or"]}.get(name, _BINARY["and"])
                 if name == "sub":
                     raise UnsupportedPrimitiveError(f"sub of booleans{self.where(eqn)}")
+            if name in ("eq", "ne") and eqn.invars[0].aval.dtype == np.bool_:
+                # Of booleans: equivalence and exclusive or (sympy's Eq/Ne take numbers).
+                fun = {"eq": sympy.Equivalent, "ne": sympy.Xor}[name]
+                return [_map(lambda a, b: fun(_as_bool(a), _as_bool(b)), *inputs)]
             if name in ("eq", "ne"):
                 fun = self._guarded_comparison(name, fun, eqn)
             return [_map(fun, *inputs)]

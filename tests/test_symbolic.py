@@ -693,3 +693,17 @@ def test_rint_is_round_half_to_even_with_zero_derivative():
     assert sympy.diff(_symbolic.rint(t**2), t) == 0
     assert str(expression(lambda x: jnp.round(x), 1.0)) == "rint(x)"
     assert expression(jax.grad(lambda x: jnp.round(x) * x), 2.5).evaluate(2.5) == 2.0
+
+
+def test_equality_of_booleans_is_equivalence_and_integer_remainders_read():
+    # (x > 0) == (y > 0) compared booleans with sympy's Eq, and jnp's integer % (which
+    # compares two sign tests) crashed inside sympy ("BooleanAtom not allowed in this context").
+    def f(x, y):
+        return jnp.where((x > 0) == (y > 0), x, y) + jnp.where((x > 0) != (y < 1), 1.0, 2.0)
+
+    formula = expression(f, 1.0, 2.0)
+    for x, y in ((1.0, 2.0), (-1.0, 2.0), (1.0, -2.0), (-1.0, 0.5)):
+        np.testing.assert_allclose(formula.evaluate(x, y), f(x, y))
+    remainder = expression(lambda i: i % 4, 1)
+    for i in (-5, -4, -1, 0, 3, 7):
+        assert remainder.evaluate(i) == i % 4
