@@ -1093,8 +1093,10 @@ def fit(
         only at the end of each call: callbacks run once per call, for its last step, and
         ``eval_every`` and ``checkpoint_every`` must be multiples of k. A non-finite loss stops
         the run at its own step as usual (the steps of its call before it are replayed one by
-        one from the call's start to rebuild the error's state). Not with ``health_every`` or
-        data parallelism. The states equal those of ``steps_per_call=1`` up to rounding (XLA
+        one from the call's start to rebuild the error's state). With ``health_every`` the k
+        steps of a call that would hold a monitored step run one by one instead (with
+        ``health_every=100`` and k = 16, 16 steps in 100). Not with data parallelism. The
+        states equal those of ``steps_per_call=1`` up to rounding (XLA
         may compile the scanned step differently); a run resumed from a checkpoint at a
         multiple of k ends bit for bit as the uninterrupted run with the same k.
 
@@ -1144,7 +1146,6 @@ def fit(
             steps_per_call,
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
-            health_every=health_every,
             parallel=mesh is not None or data_parallel,
         )
 
@@ -1246,7 +1247,6 @@ def _check_steps_per_call(
     *,
     eval_every: int | None,
     checkpoint_every: int | None,
-    health_every: int | None,
     parallel: bool,
 ) -> None:
     """Refuses the options that need a state inside a call of ``k`` steps, before any work."""
@@ -1257,11 +1257,6 @@ def _check_steps_per_call(
                 f"the host only at the end of each call of {k} steps; use a multiple of {k}, "
                 "or steps_per_call=1"
             )
-    if health_every is not None:
-        raise ValueError(
-            f"health_every cannot be combined with steps_per_call={k}: the monitored step is a "
-            "separate program chosen on the host per step; use steps_per_call=1"
-        )
     if parallel:
         raise ValueError(
             f"steps_per_call={k} does not shard its stacked batches over a mesh; for data "
@@ -1524,6 +1519,7 @@ class _Run:
             for args, batch in self._step_inputs():
                 yield 1, args, batch
             return
+        health_every = self.options["health_every"]
         number = self.start  # the step about to be taken (state.step before it)
         group: list[tuple[tuple[Any, ...], Any]] = []
         for args, batch in self._step_inputs():
@@ -1532,7 +1528,13 @@ class _Run:
             else:
                 group.append((args, batch))
                 if len(group) == k:
-                    yield k, self._call_arguments(number + 1 - k, group), [b for _, b in group]
+                    first = number + 1 - k
+                    if health_every is not None and -first % health_every < k:
+                        # A monitored step among them: it is a program of its own, so these
+                        # k steps run one by one.
+                        yield from ((1, args, batch) for args, batch in group)
+                    else:
+                        yield k, self._call_arguments(first, group), [b for _, b in group]
                     group = []
             number += 1
         for args, batch in group:  # the data ended within a call's steps

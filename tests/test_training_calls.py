@@ -77,6 +77,35 @@ def test_a_call_is_one_program_compiled_once(monkeypatch):
     assert len(history) == 16
 
 
+def test_health_steps_run_alone_and_the_other_calls_stay_scanned(monkeypatch):
+    # health_every=6 with calls of 4 (refused before): the monitored steps 0, 6 and 12 are a
+    # program of their own, so the calls holding them (steps 0-3, 4-7, 12-15) run one by one
+    # and the call of steps 8-11 stays one scanned call.
+    calls = []
+    original = training._Run._compile_call
+
+    def spy(self, body, k):
+        fn = original(self, body, k)
+
+        def counted(*args):
+            calls.append(k)
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(training._Run, "_compile_call", spy)
+    state, history = _fit(k=4, steps=16, health_every=6)
+    assert calls == [4]
+    single_state, single = _fit(k=1, steps=16, health_every=6)
+    assert _close(state.params, single_state.params)
+    norms, expected = history["health/dense_0/grad_norm"], single["health/dense_0/grad_norm"]
+    # Rows are steps 1..16; the statistics belong to the steps that started at 0, 6 and 12.
+    monitored = [0, 6, 12]
+    assert np.all(np.isfinite(norms[monitored])) and np.all(norms[monitored] > 0)
+    assert np.isnan(np.delete(norms, monitored)).all()
+    np.testing.assert_allclose(norms, expected, rtol=1e-6)
+
+
 def test_callbacks_and_evaluations_see_the_last_step_of_each_call():
     seen, evaluated = [], []
 
@@ -203,7 +232,6 @@ def test_batches_of_different_shapes_within_a_call_are_refused_with_the_steps():
             dict(steps_per_call=4, checkpoint_every=2),
             r"checkpoint_every=2 is not a multiple of steps_per_call=4",
         ),
-        (dict(steps_per_call=4, health_every=4), r"health_every cannot be combined"),
         (dict(steps_per_call=4, data_parallel=True), r"for data parallelism"),
     ],
 )
