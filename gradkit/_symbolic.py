@@ -795,6 +795,62 @@ def _scatter(eqn, operand: np.ndarray, indices: np.ndarray, updates: np.ndarray)
     return out.reshape(operand.shape)
 
 
+#: Most values of an integer input at which indices that depend on it are written out.
+_MAX_INDEX_VALUES = 4096
+
+
+def _critical_points(indices: np.ndarray, symbol: sympy.Symbol, reach: int, what: str) -> list[int]:
+    """The values of ``symbol`` at which piecewise-linear ``indices`` may take another element:
+    where a linear piece lies within ``reach`` of 0 (rounded outwards, one more on each side),
+    and where a condition switches (one on each side; abs, sign, min and max are read as
+    Piecewise). Between and beyond these,
+    every piece is more than ``reach`` from 0 on a fixed side and every condition is fixed."""
+    points: set[int] = set()
+
+    def root(linear: sympy.Basic) -> None:
+        # Where linear (a*i + b) is 0: the points around it.
+        a, b = _linear(linear, symbol, what)
+        if a != 0:
+            center = -b / a
+            points.update(range(int(sympy.floor(center)) - 1, int(sympy.ceiling(center)) + 2))
+
+    def piece(e: sympy.Basic) -> None:
+        if not e.has(symbol):
+            return
+        # abs, sign, min and max as Piecewise, sums and products of Piecewise folded into one.
+        e = sympy.piecewise_fold(e.rewrite(sympy.Piecewise))
+        if isinstance(e, sympy.Piecewise):
+            for value, cond in e.args:
+                piece(value)
+                for relation in cond.atoms(sympy.core.relational.Relational):
+                    root(relation.lhs - relation.rhs)
+            return
+        a, b = _linear(e, symbol, what)
+        if a != 0:
+            low, high = sorted(((-reach - b) / a, (reach - b) / a))
+            points.update(range(int(sympy.floor(low)) - 1, int(sympy.ceiling(high)) + 2))
+
+    for element in indices.reshape(-1):
+        piece(sympy.sympify(element))
+    return sorted(points)
+
+
+def _linear(e: sympy.Basic, symbol: sympy.Symbol, what: str) -> tuple[sympy.Basic, sympy.Basic]:
+    """``(a, b)`` with ``e == a*symbol + b``; refuses anything else."""
+    try:
+        poly = sympy.Poly(e, symbol)
+    except sympy.PolynomialError:
+        poly = None
+    if poly is None or poly.degree() > 1 or not all(c.is_Number for c in poly.all_coeffs()):
+        raise UnsupportedPrimitiveError(
+            f"{what}: an index ({e}) is not a piecewise-linear function of {symbol}; only "
+            "such indices (offsets, wrapping of negative indices, clamping) have a formula"
+        )
+    coefficients = poly.all_coeffs()
+    a, b = coefficients if len(coefficients) == 2 else (0, coefficients[-1])
+    return sympy.Rational(a), sympy.Rational(b)
+
+
 def _round(method: Any) -> Callable[[sympy.Basic], sympy.Basic]:
     """``lax.round``: halves away from zero (its default), or to even (``jnp.round``)."""
     if int(method) == int(jax.lax.RoundingMethod.TO_NEAREST_EVEN):
@@ -1030,14 +1086,16 @@ class _Interpreter:
         operand_shape: tuple[int, ...],
         compute: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray:
-        """``compute(indices)`` for a gather or scatter, with concrete integer indices.
+        """``compute(indices)`` for a gather, scatter or dynamic slice at concrete indices.
 
-        Indices that depend on one integer input ``i`` (``x[i]``, ``take_along_axis`` of a
-        label) are tried at every value from ``-n - 2`` to ``n + 1``, ``n`` the operand's
-        longest dimension: that covers each in-bounds index, written both ways, and the
-        out-of-bounds ones on either side, which every index mode treats alike (clamped, filled
-        or dropped). Checked: the values at ``-n - 3`` and ``n + 2`` must agree with those at
-        ``-n - 2`` and ``n + 1``. Each element is then a ``Piecewise`` of ``i``.
+        Indices may depend on one integer input ``i`` (``x[i]``, ``take_along_axis`` of a
+        label) through piecewise-linear expressions (JAX's wrapping of negative indices,
+        clamping, offsets). Each linear piece is within ``n + 2`` of the bounds (``n`` the
+        operand's longest dimension) only for a finite run of ``i``, and the conditions switch at
+        single points: ``compute`` runs at each ``i`` of those runs and points, and once for
+        each stretch between them (and beyond them on either side), where every index stays
+        out of bounds on one side, so that JAX's index mode (clamp, fill or drop) gives one
+        result throughout. Each element is then a ``Piecewise`` over ranges of ``i``.
         """
         free = set()
         for element in indices.reshape(-1):
@@ -1064,53 +1122,59 @@ class _Interpreter:
                 "integer input have a formula"
             )
         (symbol,) = free
-        reach = max(operand_shape, default=1)
+        reach = max(operand_shape, default=1) + 2
+        points = _critical_points(indices, symbol, reach, f"{name}{self.where(eqn)}")
+        if len(points) > _MAX_INDEX_VALUES:
+            raise UnsupportedPrimitiveError(
+                f"{name}{self.where(eqn)}: its indices take {len(points)} values of {symbol} "
+                f"within the bounds; at most {_MAX_INDEX_VALUES} are written out"
+            )
+        # Segments [first, last] covering all integers: each point, the stretches between
+        # them, and beyond them on either side (None: unbounded).
+        segments: list[tuple[int | None, int | None]] = [(None, points[0] - 1)]
+        for point, following in zip(points, [*points[1:], None], strict=True):
+            segments.append((point, point))
+            if following is None:
+                segments.append((point + 1, None))
+            elif following > point + 1:
+                segments.append((point + 1, following - 1))
 
         def at(value: int) -> np.ndarray:
             concrete = _map(lambda e: sympy.sympify(e).subs(symbol, value), indices)
             return compute(integers(concrete, f" at {symbol} = {value}"))
 
-        low, high = -reach - 2, reach + 1
-        values = {value: at(value) for value in range(low, high + 1)}
-        for edge, beyond in ((low, low - 1), (high, high + 1)):
-            if not all(a == b for a, b in zip(values[edge].flat, at(beyond).flat, strict=True)):
-                raise UnsupportedPrimitiveError(
-                    f"{name}{self.where(eqn)}: the element taken at index {symbol} = {beyond} "
-                    f"differs from the one at {edge}; only indices that are in bounds or "
-                    "beyond them on either side have a formula"
-                )
+        results = [at(last if first is None else first) for first, last in segments]
 
-        def condition(at_values: list[int]) -> sympy.Basic:
-            # Runs of consecutive values as ranges; ``low`` and ``high`` stand for all beyond.
-            runs: list[list[int]] = []
-            for value in sorted(at_values):
-                if runs and value == runs[-1][1] + 1:
-                    runs[-1][1] = value
-                else:
-                    runs.append([value, value])
+        def condition(runs: list[tuple[int | None, int | None]]) -> sympy.Basic:
             parts = []
             for first, last in runs:
-                if first == low and last == high:
-                    return sympy.true
-                if first == low:
-                    parts.append(sympy.Le(symbol, last))
-                elif last == high:
-                    parts.append(sympy.Ge(symbol, first))
-                elif first == last:
-                    parts.append(sympy.Eq(symbol, first))
-                else:
-                    parts.append(sympy.And(sympy.Ge(symbol, first), sympy.Le(symbol, last)))
+                bounds = [
+                    *([] if first is None else [sympy.Ge(symbol, first)]),
+                    *([] if last is None else [sympy.Le(symbol, last)]),
+                ]
+                if first is not None and first == last:
+                    bounds = [sympy.Eq(symbol, first)]
+                parts.append(sympy.And(*bounds))
             return sympy.Or(*parts)
 
-        shape = values[low].shape
+        shape = results[0].shape
         out = np.empty(shape, dtype=object)
         for index in np.ndindex(shape):
-            groups: dict[sympy.Basic, list[int]] = {}
-            for value, result in values.items():
-                groups.setdefault(result[index], []).append(value)
+            # Adjacent segments with one value merge into runs; the value with the most
+            # segments is the Piecewise's last case.
+            groups: dict[sympy.Basic, list[tuple[int | None, int | None]]] = {}
+            previous = None
+            for (first, last), result in zip(segments, results, strict=True):
+                value = result[index]
+                runs = groups.setdefault(value, [])
+                if runs and previous == value:
+                    runs[-1] = (runs[-1][0], last)
+                else:
+                    runs.append((first, last))
+                previous = value
             ordered = sorted(groups.items(), key=lambda item: len(item[1]))
             *cases, (default, _) = ordered
-            pieces = [(element, condition(at_values)) for element, at_values in cases]
+            pieces = [(value, condition(runs)) for value, runs in cases]
             out[index] = sympy.Piecewise(*pieces, (default, True)) if pieces else default
         return out
 

@@ -637,10 +637,11 @@ def expression(
     logistic, sqrt/rsqrt/cbrt, abs, sign, max/min, comparisons and ``where`` (as ``Piecewise``),
     type conversions, reductions, ``dot_general``, reshapes, slices, concatenation and
     ``stack``; gathers, scatters and dynamic slices (indexing with arrays, ``x.at[i].add``,
-    ``take_along_axis``, ``x[i]``) at constant indices or at indices that depend on one
-    integer input, which give a ``Piecewise`` over its values (each in-bounds index, and the
-    out-of-bounds ones as JAX's index mode treats them); rounding (``jnp.round`` is ``rint``,
-    halves to even), remainders (``%``, ``fmod``; not ``//``, whose rounding has no rule), and
+    ``take_along_axis``, ``x[i]``) at constant indices or at indices that are piecewise-linear
+    in one integer input (offsets, negative indices, clamping), which give a ``Piecewise`` over
+    ranges of its values, out-of-bounds ones as JAX's index mode treats them; rounding
+    (``jnp.round`` is ``rint``, halves to even), remainders and floor division (``%``,
+    ``fmod``, ``//``), and
     ``jit``/``custom_jvp``/``custom_vjp``/``cond`` (their bodies are read) and scans of at most
     64 steps (unrolled), ``jax.checkpoint``; ``stop_gradient`` is the identity and
     ``jax.debug.print`` is skipped. ``jnp.isfinite`` of a formula that is finite for all finite

@@ -655,6 +655,25 @@ def test_gathers_at_an_integer_input_are_a_piecewise_over_its_values():
     assert str(expression(lambda x: x[jnp.array([2, 0])], jnp.ones(3))) == "[x[2], x[0]]"
 
 
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x, i: x[i + 100],  # in bounds only for i in -104..-97
+        lambda x, i: x[jnp.array([i - 7, 2 * i + 1, 3 - i])],
+        lambda x, i: x[jnp.clip(i, 1, 2)] + x[jnp.abs(i)] * x[jnp.maximum(i, 2) - 1],
+        lambda x, i: jnp.take(x, i, mode="clip"),
+        lambda x, i: jnp.take(x, i - 2, mode="fill", fill_value=-1.0),
+        lambda x, i: x.at[jnp.array([i, i + 1])].add(jnp.array([1.0, 2.0])),
+    ],
+)
+def test_piecewise_linear_indices_are_right_for_every_integer(f):
+    # Offsets, slopes, clamps and wrapping: the formula is checked far beyond the bounds too.
+    x = jnp.array([1.0, -2.0, 0.5, 3.0])
+    formula = expression(f, x, 0)
+    for i in [*range(-106, -95), *range(-12, 12), -50, 50, -(10**6), 10**6]:
+        np.testing.assert_allclose(formula.evaluate(x, i), f(x, i), err_msg=f"i = {i}")
+
+
 def test_dynamic_update_slice_at_an_integer_input():
     x = jnp.array([1.0, -2.0, 0.5, 3.0])
 
@@ -670,10 +689,10 @@ def test_indices_that_no_formula_covers_are_refused_with_the_reason():
     x = jnp.ones(4)
     with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="depend on i, j"):
         expression(lambda x, i, j: x.reshape(2, 2)[i, j], x, 0, 1)
-    # x[i - 7] comes back into bounds beyond them (negative indices count from the end): the
-    # values past the bounds are not all alike, so no finite Piecewise says it.
-    with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="differs from the one at"):
-        expression(lambda x, i: x[jnp.array([i - 7])], x, 0)
+    # Wrapping around, or a square: the element taken changes again and again with i.
+    for index in (lambda i: i % 4, lambda i: i * i, lambda i: i // 2):
+        with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="not a piecewise-linear"):
+            expression(lambda x, i, index=index: x[jnp.array([index(i)])], x, 0)
     # A float input turned into an index takes non-integer values too.
     with pytest.raises(_symbolic.UnsupportedPrimitiveError, match="single integer input"):
         expression(lambda x, t: x[jnp.array([t.astype(jnp.int32)])], x, 1.5)
@@ -696,8 +715,8 @@ def test_rint_is_round_half_to_even_with_zero_derivative():
 
 
 def test_equality_of_booleans_is_equivalence_and_integer_remainders_read():
-    # (x > 0) == (y > 0) compared booleans with sympy's Eq, and jnp's integer % (which
-    # compares two sign tests) crashed inside sympy ("BooleanAtom not allowed in this context").
+    # (x > 0) == (y > 0) compared booleans with sympy's Eq, and jnp's integer % and // (which
+    # compare two sign tests) crashed inside sympy ("BooleanAtom not allowed in this context").
     def f(x, y):
         return jnp.where((x > 0) == (y > 0), x, y) + jnp.where((x > 0) != (y < 1), 1.0, 2.0)
 
@@ -705,5 +724,10 @@ def test_equality_of_booleans_is_equivalence_and_integer_remainders_read():
     for x, y in ((1.0, 2.0), (-1.0, 2.0), (1.0, -2.0), (-1.0, 0.5)):
         np.testing.assert_allclose(formula.evaluate(x, y), f(x, y))
     remainder = expression(lambda i: i % 4, 1)
+    floor_division = expression(lambda i: i // 3 + i // -2, 1)
     for i in (-5, -4, -1, 0, 3, 7):
         assert remainder.evaluate(i) == i % 4
+        assert floor_division.evaluate(i) == i // 3 + i // -2
+    halves = expression(lambda x: x // 2.0 + x // -1.5, 1.0)
+    for x in (-3.5, -2.0, -0.5, 0.0, 2.5, 3.9):
+        assert halves.evaluate(x) == x // 2.0 + x // -1.5
