@@ -970,7 +970,7 @@ def health_monitor(
 
     What it costs on a CPU: the README's benchmark MLP (784-512-512-10, batch 128, Adam) on 2
     cores took about +35% per step with ``every=1`` (+30% without histograms; merely reading the
-    gradients, parameters and updates once per step cost +19% there) and about 1% with
+    gradients, parameters and updates once per step cost +17 to +19% there) and 0 to 4% with
     ``every=100``. For statistics on every step of a small, fast model, gate on the host as
     below, or raise ``every``.
 
