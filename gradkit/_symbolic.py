@@ -48,6 +48,9 @@ _MAX_NUMERATOR = 1000
 #: ``sympy.simplify``; larger ones are only expanded or given their sigmoid form.
 SIMPLIFY_MAX_OPS = 200
 
+#: Most ``Piecewise`` in one output element for which ``simplify=True`` folds them into one.
+_MAX_FOLDED_PIECEWISE = 3
+
 #: Longest ``scan`` that is unrolled into a formula.
 _MAX_SCAN_LENGTH = 64
 
@@ -843,8 +846,9 @@ def _linear(e: sympy.Basic, symbol: sympy.Symbol, what: str) -> tuple[sympy.Basi
         poly = None
     if poly is None or poly.degree() > 1 or not all(c.is_Number for c in poly.all_coeffs()):
         raise UnsupportedPrimitiveError(
-            f"{what}: an index ({e}) is not a piecewise-linear function of {symbol}; only "
-            "such indices (offsets, wrapping of negative indices, clamping) have a formula"
+            f"expression: {what}: an index or a condition on it ({e}) is not piecewise-linear "
+            f"in {symbol} (as i % n, i // n, i * i and mode='wrap' are not); only such indices "
+            "(offsets, wrapping of negative indices, clamping) have a formula"
         )
     coefficients = poly.all_coeffs()
     a, b = coefficients if len(coefficients) == 2 else (0, coefficients[-1])
@@ -1157,6 +1161,7 @@ class _Interpreter:
                 parts.append(sympy.And(*bounds))
             return sympy.Or(*parts)
 
+        boolean = eqn.outvars[0].aval.dtype == np.bool_
         shape = results[0].shape
         out = np.empty(shape, dtype=object)
         for index in np.ndindex(shape):
@@ -1175,7 +1180,19 @@ class _Interpreter:
             ordered = sorted(groups.items(), key=lambda item: len(item[1]))
             *cases, (default, _) = ordered
             pieces = [(value, condition(runs)) for value, runs in cases]
-            out[index] = sympy.Piecewise(*pieces, (default, True)) if pieces else default
+            if not pieces:
+                out[index] = default
+            elif boolean:
+                # A truth value, not a number holding True and False: the cases' conditions
+                # exclude each other, so it is the case that holds, and its value.
+                out[index] = sympy.Or(
+                    *(sympy.And(cond, _as_bool(value)) for value, cond in pieces),
+                    sympy.And(
+                        sympy.Not(sympy.Or(*(cond for _, cond in pieces))), _as_bool(default)
+                    ),
+                )
+            else:
+                out[index] = sympy.Piecewise(*pieces, (default, True))
         return out
 
     def cond(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -1341,11 +1358,15 @@ def _tidy(
         if isinstance(value, sympy.Basic) and thorough:
             return _simplified(value)
         return value
+    traced = value
     if value.has(sympy.Piecewise):
-        value = sympy.piecewise_fold(value)
+        # Folding distributes every condition over every other: exponential in the number of
+        # Piecewise (an indexed gradient's nest of them took minutes), so only for a few.
+        if len(value.atoms(sympy.Piecewise)) <= _MAX_FOLDED_PIECEWISE:
+            value = sympy.piecewise_fold(value)
     elif value.is_polynomial(*symbols):
         return sympy.expand(value)
-    candidates = [value]
+    candidates = [value] if value is traced else [value, traced]
     recognised = _recognise_sigmoid(value)
     if recognised != value:
         candidates.insert(0, recognised)

@@ -1094,8 +1094,9 @@ def fit(
         ``eval_every`` and ``checkpoint_every`` must be multiples of k. A non-finite loss stops
         the run at its own step as usual (the steps of its call before it are replayed one by
         one from the call's start to rebuild the error's state). With ``health_every`` the k
-        steps of a call that would hold a monitored step run one by one instead (with
-        ``health_every=100`` and k = 16, 16 steps in 100). Not with data parallelism. The
+        steps of a call that would hold a monitored step run one by one instead, callbacks
+        after each (with ``health_every=100`` and k = 16, 16 steps in 100; with
+        ``health_every <= k``, all of them, and ``fit`` warns). Not with data parallelism. The
         states equal those of ``steps_per_call=1`` up to rounding (XLA
         may compile the scanned step differently); a run resumed from a checkpoint at a
         multiple of k ends bit for bit as the uninterrupted run with the same k.
@@ -1148,6 +1149,13 @@ def fit(
             checkpoint_every=checkpoint_every,
             parallel=mesh is not None or data_parallel,
         )
+        if health_every is not None and health_every <= steps_per_call:
+            warnings.warn(
+                f"fit: with health_every={health_every} every call of steps_per_call="
+                f"{steps_per_call} steps would hold a monitored step, so all steps run one by "
+                "one; steps_per_call speeds up only runs with health_every well above it",
+                stacklevel=2,
+            )
 
     if mesh is None and data_parallel:
         mesh = Mesh(np.asarray(jax.devices()), ("data",))

@@ -106,6 +106,12 @@ def test_health_steps_run_alone_and_the_other_calls_stay_scanned(monkeypatch):
     np.testing.assert_allclose(norms, expected, rtol=1e-6)
 
 
+def test_health_every_within_a_call_warns_that_no_call_is_scanned():
+    with pytest.warns(UserWarning, match="all steps run one by one"):
+        _, history = _fit(k=4, steps=6, health_every=3)
+    assert np.isfinite(history["health/dense_0/grad_norm"][[0, 3]]).all()
+
+
 def test_callbacks_and_evaluations_see_the_last_step_of_each_call():
     seen, evaluated = [], []
 
