@@ -48,9 +48,6 @@ _MAX_NUMERATOR = 1000
 #: ``sympy.simplify``; larger ones are only expanded or given their sigmoid form.
 SIMPLIFY_MAX_OPS = 200
 
-#: Most ``Piecewise`` in one output element for which ``simplify=True`` folds them into one.
-_MAX_FOLDED_PIECEWISE = 3
-
 #: Longest ``scan`` that is unrolled into a formula.
 _MAX_SCAN_LENGTH = 64
 
@@ -1358,15 +1355,11 @@ def _tidy(
         if isinstance(value, sympy.Basic) and thorough:
             return _simplified(value)
         return value
-    traced = value
     if value.has(sympy.Piecewise):
-        # Folding distributes every condition over every other: exponential in the number of
-        # Piecewise (an indexed gradient's nest of them took minutes), so only for a few.
-        if len(value.atoms(sympy.Piecewise)) <= _MAX_FOLDED_PIECEWISE:
-            value = sympy.piecewise_fold(value)
+        value = sympy.piecewise_fold(value)
     elif value.is_polynomial(*symbols):
         return sympy.expand(value)
-    candidates = [value] if value is traced else [value, traced]
+    candidates = [value]
     recognised = _recognise_sigmoid(value)
     if recognised != value:
         candidates.insert(0, recognised)

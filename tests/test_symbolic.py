@@ -748,12 +748,3 @@ def test_boolean_arrays_indexed_at_an_integer_input_stay_truth_values():
         for i in (-7, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6):
             for x in (1.5, -2.0):
                 np.testing.assert_allclose(formula.evaluate(x, i), f(x, i), err_msg=f"i = {i}")
-
-
-def test_a_gradient_through_nested_indexed_piecewise_simplifies_quickly():
-    # simplify=True folded every Piecewise into one: minutes for this 4-element gradient.
-    f = jax.grad(lambda x, i: x.at[jnp.array([i, 1])].min(x[2]).sum())
-    x = jnp.array([1.0, -2.0, 0.5, 3.0])
-    formula = expression(f, x, 0)
-    for i in range(-6, 6):
-        np.testing.assert_allclose(formula.evaluate(x, i), f(x, i), err_msg=f"i = {i}")
