@@ -710,15 +710,10 @@ def _clamped_window(
 _SCATTERS: dict[str, Callable[..., sympy.Basic]] = {
     "scatter": lambda old, *new: new[-1],
     "scatter-add": lambda old, *new: sympy.Add(old, *new),
-    "scatter_add": lambda old, *new: sympy.Add(old, *new),
     "scatter-sub": lambda old, *new: old - sympy.Add(*new),
-    "scatter_sub": lambda old, *new: old - sympy.Add(*new),
     "scatter-mul": lambda old, *new: sympy.Mul(old, *new),
-    "scatter_mul": lambda old, *new: sympy.Mul(old, *new),
     "scatter-min": lambda old, *new: sympy.Min(old, *new),
-    "scatter_min": lambda old, *new: sympy.Min(old, *new),
     "scatter-max": lambda old, *new: sympy.Max(old, *new),
-    "scatter_max": lambda old, *new: sympy.Max(old, *new),
 }
 
 
